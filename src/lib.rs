@@ -1,0 +1,12 @@
+//! blockformer: Block Transformer (Ho et al., NeurIPS 2024) and GPT-NeoX language models,
+//! exact to the official implementation, with a batched generation engine.
+
+pub mod checkpoint;
+pub mod config;
+pub mod error;
+pub mod generate;
+pub mod kernels;
+pub mod model;
+pub mod tokenizer;
+
+pub use error::{Error, Result};

@@ -1,0 +1,342 @@
+//! The GPT-NeoX decoder stack shared by the block decoder, the token decoder and the vanilla
+//! model (Hugging Face `GPTNeoXModel`, transformers 4.39 eager semantics):
+//!
+//! ```text
+//! a   = LN_in(x);  [q|k|v] per head = a W_qkv^T + b      (interleaved per head)
+//! q,k = rotary on the first rd = hd * rotary_pct dims
+//! o   = softmax(q k^T / sqrt(hd) + causal + padding) v;  attn = dense(o)
+//! y   = x + attn + MLP(LN_post(x))                      (parallel residual)
+//! y   = x + attn;  y = y + MLP(LN_post(y))              (sequential residual)
+//! MLP(z) = W_2 gelu(W_1 z + b_1) + b_2
+//! ```
+//!
+//! Two forward paths over the same weights:
+//! - [`NeoX::forward`]: whole sequences `[B, T, W]` with a key-padding mask, built only from
+//!   differentiable candle ops (training, scoring, parity tests);
+//! - [`NeoX::forward_cached`]: a ragged batch of new positions `[N, W]` over preallocated
+//!   per-sequence KV caches (generation).
+
+use super::{Init, WeightSource};
+use crate::config::NeoXConfig;
+use crate::error::Result;
+use crate::kernels::attention::{self, KvCache, Rotary, RowSpec};
+use candle_core::{DType, Device, Tensor, D};
+
+/// Dense layer, weight `[out, in]` as in PyTorch.
+#[derive(Clone, Debug)]
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn load(
+        src: &mut dyn WeightSource,
+        name: &str,
+        out_dim: usize,
+        in_dim: usize,
+        bias: bool,
+        std: f64,
+    ) -> Result<Self> {
+        let weight = src.tensor(&format!("{name}.weight"), &[out_dim, in_dim], Init::Normal(std))?;
+        let bias = if bias {
+            Some(src.tensor(&format!("{name}.bias"), &[out_dim], Init::Zeros)?)
+        } else {
+            None
+        };
+        Ok(Linear { weight, bias })
+    }
+
+    /// `x [.., in] -> [.., out]`, flattened to one matmul.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let in_dim = *dims.last().expect("rank >= 1");
+        let rows = x.elem_count() / in_dim;
+        let y = x.reshape((rows, in_dim))?.matmul(&self.weight.t()?)?;
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        let mut out_dims = dims;
+        *out_dims.last_mut().expect("rank >= 1") = self.weight.dim(0)?;
+        Ok(y.reshape(out_dims)?)
+    }
+}
+
+/// LayerNorm with biased variance.
+#[derive(Clone, Debug)]
+pub struct LayerNorm {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    pub eps: f64,
+}
+
+impl LayerNorm {
+    pub fn load(src: &mut dyn WeightSource, name: &str, dim: usize, eps: f64) -> Result<Self> {
+        Ok(LayerNorm {
+            weight: src.tensor(&format!("{name}.weight"), &[dim], Init::Ones)?,
+            bias: src.tensor(&format!("{name}.bias"), &[dim], Init::Zeros)?,
+            eps,
+        })
+    }
+
+    /// Differentiable composition (candle's fused LayerNorm has no backward).
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mean = x.mean_keepdim(D::Minus1)?;
+        let xc = x.broadcast_sub(&mean)?;
+        let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+        let y = xc.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        Ok(y.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)?)
+    }
+
+    /// Fused kernel for inference.
+    pub fn forward_fused(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(candle_nn::ops::layer_norm(
+            x,
+            &self.weight,
+            &self.bias,
+            self.eps as f32,
+        )?)
+    }
+}
+
+fn activation(x: &Tensor, act: &str) -> Result<Tensor> {
+    Ok(match act {
+        "gelu" => x.gelu_erf()?,
+        _ => x.gelu()?, // gelu_new / gelu_fast: the tanh approximation
+    })
+}
+
+/// One GPT-NeoX layer.
+#[derive(Clone, Debug)]
+pub struct Layer {
+    pub input_layernorm: LayerNorm,
+    pub post_attention_layernorm: LayerNorm,
+    pub query_key_value: Linear,
+    pub dense: Linear,
+    pub dense_h_to_4h: Linear,
+    pub dense_4h_to_h: Linear,
+}
+
+impl Layer {
+    fn load(src: &mut dyn WeightSource, p: &str, cfg: &NeoXConfig) -> Result<Self> {
+        let (w, f, eps) = (cfg.hidden_size, cfg.intermediate_size, cfg.layer_norm_eps);
+        let std = 0.02;
+        Ok(Layer {
+            input_layernorm: LayerNorm::load(src, &format!("{p}.input_layernorm"), w, eps)?,
+            post_attention_layernorm: LayerNorm::load(
+                src,
+                &format!("{p}.post_attention_layernorm"),
+                w,
+                eps,
+            )?,
+            query_key_value: Linear::load(
+                src,
+                &format!("{p}.attention.query_key_value"),
+                3 * w,
+                w,
+                true,
+                std,
+            )?,
+            dense: Linear::load(src, &format!("{p}.attention.dense"), w, w, true, std)?,
+            dense_h_to_4h: Linear::load(src, &format!("{p}.mlp.dense_h_to_4h"), f, w, true, std)?,
+            dense_4h_to_h: Linear::load(src, &format!("{p}.mlp.dense_4h_to_h"), w, f, true, std)?,
+        })
+    }
+
+    fn mlp(&self, x: &Tensor, act: &str) -> Result<Tensor> {
+        self.dense_4h_to_h
+            .forward(&activation(&self.dense_h_to_4h.forward(x)?, act)?)
+    }
+}
+
+/// A GPT-NeoX stack: layers and the final LayerNorm (embeddings live with their owners).
+#[derive(Clone, Debug)]
+pub struct NeoX {
+    pub cfg: NeoXConfig,
+    pub layers: Vec<Layer>,
+    pub final_layer_norm: LayerNorm,
+    pub rotary: Rotary,
+}
+
+impl NeoX {
+    /// Loads `{prefix}.layers.{i}.*` and `{prefix}.final_layer_norm.*`.
+    pub fn load(src: &mut dyn WeightSource, prefix: &str, cfg: &NeoXConfig) -> Result<Self> {
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| Layer::load(src, &format!("{prefix}.layers.{i}"), cfg))
+            .collect::<Result<Vec<_>>>()?;
+        let final_layer_norm = LayerNorm::load(
+            src,
+            &format!("{prefix}.final_layer_norm"),
+            cfg.hidden_size,
+            cfg.layer_norm_eps,
+        )?;
+        let rotary = Rotary::new(
+            cfg.rotary_dims(),
+            cfg.rotary_emb_base,
+            cfg.max_position_embeddings.max(64),
+        );
+        Ok(NeoX {
+            cfg: cfg.clone(),
+            layers,
+            final_layer_norm,
+            rotary,
+        })
+    }
+
+    fn heads(&self) -> (usize, usize) {
+        (self.cfg.num_attention_heads, self.cfg.head_dim())
+    }
+
+    /// Whole-sequence forward with positions `0..T`.
+    ///
+    /// - `x`: `[B, T, W]` input vectors;
+    /// - `key_mask`: `[B, T]` (1 = real, 0 = padding) or `None`.
+    ///
+    /// Returns the final-LayerNorm hidden states `[B, T, W]`.
+    pub fn forward(&self, x: &Tensor, key_mask: Option<&Tensor>) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let bias = attention_bias(b, t, key_mask, x.device())?; // [B, 1, T, T]
+        let (cos, sin) = self.rotary_tables(t, x.device())?; // [T, rd/2]
+        let mut h = x.clone();
+        for layer in &self.layers {
+            h = self.layer_forward(layer, &h, &bias, &cos, &sin)?;
+        }
+        self.final_layer_norm.forward(&h)
+    }
+
+    fn rotary_tables(&self, t: usize, dev: &Device) -> Result<(Tensor, Tensor)> {
+        let half = self.rotary.dims / 2;
+        let mut cos = Vec::with_capacity(t * half);
+        let mut sin = Vec::with_capacity(t * half);
+        for p in 0..t {
+            for f in &self.rotary.inv_freq {
+                let a = p as f32 * f;
+                cos.push(a.cos());
+                sin.push(a.sin());
+            }
+        }
+        Ok((
+            Tensor::from_vec(cos, (t, half), dev)?,
+            Tensor::from_vec(sin, (t, half), dev)?,
+        ))
+    }
+
+    fn layer_forward(
+        &self,
+        layer: &Layer,
+        x: &Tensor,
+        bias: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+    ) -> Result<Tensor> {
+        let (b, t, w) = x.dims3()?;
+        let (nh, hd) = self.heads();
+        let rd = self.rotary.dims;
+        let a = layer.input_layernorm.forward(x)?;
+        let qkv = layer
+            .query_key_value
+            .forward(&a)?
+            .reshape((b, t, nh, 3 * hd))?
+            .transpose(1, 2)?; // [B, nh, T, 3hd]
+        let rot = |z: Tensor| -> Result<Tensor> {
+            if rd == 0 {
+                return Ok(z.contiguous()?);
+            }
+            let r = candle_nn::rotary_emb::rope_slow(&z.narrow(3, 0, rd)?.contiguous()?, cos, sin)?;
+            if rd == hd {
+                Ok(r)
+            } else {
+                Ok(Tensor::cat(&[&r, &z.narrow(3, rd, hd - rd)?], 3)?.contiguous()?)
+            }
+        };
+        let q = rot(qkv.narrow(3, 0, hd)?)?;
+        let k = rot(qkv.narrow(3, hd, hd)?)?;
+        let v = qkv.narrow(3, 2 * hd, hd)?.contiguous()?;
+        let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?.broadcast_add(bias)?;
+        let p = candle_nn::ops::softmax(&scores, D::Minus1)?;
+        let o = p
+            .matmul(&v)? // [B, nh, T, hd]
+            .transpose(1, 2)?
+            .reshape((b, t, w))?;
+        let attn = layer.dense.forward(&o)?;
+        let act = self.cfg.hidden_act.as_str();
+        if self.cfg.use_parallel_residual {
+            let mlp = layer.mlp(&layer.post_attention_layernorm.forward(x)?, act)?;
+            Ok(((x + attn)? + mlp)?)
+        } else {
+            let y = (x + attn)?;
+            let mlp = layer.mlp(&layer.post_attention_layernorm.forward(&y)?, act)?;
+            Ok((y + mlp)?)
+        }
+    }
+
+    /// A new, empty KV cache for one sequence of up to `capacity` positions.
+    pub fn new_cache(&self, capacity: usize) -> KvCache {
+        let (nh, hd) = self.heads();
+        KvCache::new(self.cfg.num_hidden_layers, nh, hd, capacity)
+    }
+
+    /// Cached forward over a ragged batch.
+    ///
+    /// - `x`: `[N, W]`, the new positions of every row back to back (`N = sum(rows.n_new)`);
+    /// - `rows[r]`, `caches[r]`: how many positions row `r` brings, their rotary positions,
+    ///   and the row's cache (advanced by `n_new`).
+    ///
+    /// Returns final-LayerNorm hidden states `[N, W]`.
+    pub fn forward_cached(
+        &self,
+        x: &Tensor,
+        rows: &[RowSpec],
+        caches: &mut [&mut KvCache],
+    ) -> Result<Tensor> {
+        let (n, w) = x.dims2()?;
+        let (nh, hd) = self.heads();
+        let act = self.cfg.hidden_act.as_str();
+        let mut h = x.clone();
+        let mut out = vec![0f32; n * w];
+        for (li, layer) in self.layers.iter().enumerate() {
+            let a = layer.input_layernorm.forward_fused(&h)?;
+            let qkv = layer.query_key_value.forward(&a)?;
+            let qkv = qkv.flatten_all()?.to_vec1::<f32>()?;
+            attention::cached_attention(&qkv, &mut out, rows, caches, li, &self.rotary, nh, hd);
+            let o = Tensor::from_slice(&out, (n, w), h.device())?;
+            let attn = layer.dense.forward(&o)?;
+            h = if self.cfg.use_parallel_residual {
+                let mlp = layer.mlp(&layer.post_attention_layernorm.forward_fused(&h)?, act)?;
+                ((h + attn)? + mlp)?
+            } else {
+                let y = (h + attn)?;
+                let mlp = layer.mlp(&layer.post_attention_layernorm.forward_fused(&y)?, act)?;
+                (y + mlp)?
+            };
+        }
+        attention::commit(rows, caches);
+        self.final_layer_norm.forward_fused(&h)
+    }
+}
+
+/// Additive attention bias `[B, 1, T, T]` with Hugging Face's arithmetic: causal entries get
+/// `finfo.min`, padded keys add another `finfo.min` (so a future padded key is `-inf`).
+pub fn attention_bias(b: usize, t: usize, key_mask: Option<&Tensor>, dev: &Device) -> Result<Tensor> {
+    let min = f32::MIN;
+    let mask: Option<Vec<f32>> = match key_mask {
+        Some(m) => Some(m.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?),
+        None => None,
+    };
+    let mut bias = vec![0f32; b * t * t];
+    for bi in 0..b {
+        for i in 0..t {
+            for j in 0..t {
+                let mut v = if j > i { min } else { 0.0 };
+                if let Some(m) = &mask {
+                    if m[bi * t + j] == 0.0 {
+                        v += min;
+                    }
+                }
+                bias[(bi * t + i) * t + j] = v;
+            }
+        }
+    }
+    Ok(Tensor::from_vec(bias, (b, 1, t, t), dev)?)
+}

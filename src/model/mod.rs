@@ -1,0 +1,138 @@
+//! Model code, one module per concept of the paper.
+//!
+//! - [`gpt_neox`]: the GPT-NeoX layer stack shared by every decoder;
+//! - [`embedder`]: the lookup embedder (tokens of a block -> one block vector);
+//! - [`block_decoder`]: causal attention over block vectors (global context);
+//! - [`token_decoder`]: decodes a block's tokens from its prefix (local context);
+//! - [`block_transformer`]: the whole model and its official training/scoring forward;
+//! - [`vanilla`]: the GPT-NeoX causal LM baseline (Pythia).
+
+pub mod block_decoder;
+pub mod block_transformer;
+pub mod embedder;
+pub mod gpt_neox;
+pub mod token_decoder;
+pub mod vanilla;
+
+use crate::config::ModelConfig;
+use crate::error::Result;
+use candle_core::{Device, Tensor};
+use rand::SeedableRng;
+use rand_distr::{Distribution, Normal};
+
+pub use block_transformer::BlockTransformer;
+pub use vanilla::Vanilla;
+
+/// How a fresh parameter is initialised (used when no checkpoint provides it).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Init {
+    Normal(f64),
+    Zeros,
+    Ones,
+}
+
+/// Where parameters come from: a checkpoint, a random initialiser, trainable variables.
+/// Names are the official state-dict names; shapes are PyTorch's.
+pub trait WeightSource {
+    fn tensor(&mut self, name: &str, shape: &[usize], init: Init) -> Result<Tensor>;
+}
+
+/// Random weights from a seed (presets without a checkpoint, fresh training runs).
+pub struct RandomInit {
+    rng: rand_chacha::ChaCha8Rng,
+    device: Device,
+}
+
+impl RandomInit {
+    pub fn new(seed: u64, device: &Device) -> Self {
+        RandomInit {
+            rng: rand_chacha::ChaCha8Rng::seed_from_u64(seed),
+            device: device.clone(),
+        }
+    }
+}
+
+impl WeightSource for RandomInit {
+    fn tensor(&mut self, _name: &str, shape: &[usize], init: Init) -> Result<Tensor> {
+        let n: usize = shape.iter().product();
+        let data: Vec<f32> = match init {
+            Init::Zeros => vec![0.0; n],
+            Init::Ones => vec![1.0; n],
+            Init::Normal(std) => {
+                let d = Normal::new(0.0f32, std as f32).expect("valid std");
+                (0..n).map(|_| d.sample(&mut self.rng)).collect()
+            }
+        };
+        Ok(Tensor::from_vec(data, shape, &self.device)?)
+    }
+}
+
+/// Wraps a source and remembers every parameter it handed out, in order.
+struct Recorder<'a> {
+    inner: &'a mut dyn WeightSource,
+    params: Vec<(String, Tensor)>,
+}
+
+impl WeightSource for Recorder<'_> {
+    fn tensor(&mut self, name: &str, shape: &[usize], init: Init) -> Result<Tensor> {
+        let t = self.inner.tensor(name, shape, init)?;
+        self.params.push((name.to_string(), t.clone()));
+        Ok(t)
+    }
+}
+
+/// The two model kinds.
+#[derive(Clone, Debug)]
+pub enum Arch {
+    Block(BlockTransformer),
+    Vanilla(Vanilla),
+}
+
+/// A model with its config and its parameters under their official names (the tensors are
+/// shared with the modules, so saving always writes the current weights).
+#[derive(Clone, Debug)]
+pub struct Model {
+    pub arch: Arch,
+    pub config: ModelConfig,
+    pub params: Vec<(String, Tensor)>,
+}
+
+impl Model {
+    /// Builds the model, taking every parameter from `src`.
+    pub fn build(config: &ModelConfig, src: &mut dyn WeightSource) -> Result<Model> {
+        let mut rec = Recorder {
+            inner: src,
+            params: Vec::new(),
+        };
+        let arch = match config {
+            ModelConfig::Block(c) => Arch::Block(BlockTransformer::load(&mut rec, c)?),
+            ModelConfig::Vanilla(c) => Arch::Vanilla(Vanilla::load(&mut rec, c)?),
+        };
+        Ok(Model {
+            arch,
+            config: config.clone(),
+            params: rec.params,
+        })
+    }
+
+    /// Random weights (the official initialisation scheme: N(0, 0.02), LayerNorm 1/0).
+    pub fn random(config: &ModelConfig, seed: u64, device: &Device) -> Result<Model> {
+        Self::build(config, &mut RandomInit::new(seed, device))
+    }
+
+    pub fn device(&self) -> Device {
+        self.params
+            .first()
+            .map(|(_, t)| t.device().clone())
+            .unwrap_or(Device::Cpu)
+    }
+
+    pub fn is_block(&self) -> bool {
+        matches!(self.arch, Arch::Block(_))
+    }
+
+    /// Number of stored parameters held in memory.
+    pub fn param_count(&self) -> usize {
+        self.params.iter().map(|(_, t)| t.elem_count()).sum()
+    }
+}
