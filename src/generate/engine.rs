@@ -1,0 +1,525 @@
+//! The decoding engine. Rows join at a block boundary ([`Engine::add`]), leave when finished or
+//! cancelled ([`Engine::cancel`]), and every [`Engine::step`] decodes one block (block models)
+//! or one token (vanilla models) for all active rows together.
+
+use super::sampling::{self, Sampler, SamplingParams};
+use super::PositionMode;
+use crate::error::{Error, Result};
+use crate::kernels::attention::{KvCache, RowSpec};
+use crate::model::{Arch, BlockTransformer, Model, Vanilla};
+use candle_core::Tensor;
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+pub type SeqId = u64;
+
+/// One generation request.
+#[derive(Clone, Debug)]
+pub struct GenRequest {
+    /// Prompt token ids (at least one).
+    pub prompt: Vec<u32>,
+    /// Optional attention mask over the prompt (1 = real, 0 = padding). Only left padding
+    /// (caller-padded batches, as in the official API) is supported.
+    pub prompt_mask: Option<Vec<u8>>,
+    /// Tokens to generate; honoured exactly unless EOS comes first.
+    pub max_new_tokens: usize,
+    pub sampling: SamplingParams,
+    /// Stop when this token is produced. `None`: never stop early.
+    pub eos_token_id: Option<u32>,
+    /// Report the log-probability of each generated token and this many alternatives.
+    pub logprobs: Option<usize>,
+}
+
+impl GenRequest {
+    pub fn greedy(prompt: Vec<u32>, max_new_tokens: usize) -> Self {
+        GenRequest {
+            prompt,
+            prompt_mask: None,
+            max_new_tokens,
+            sampling: SamplingParams::greedy(),
+            eos_token_id: None,
+            logprobs: None,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FinishReason {
+    /// The EOS token was produced (in the default mode it is not part of the output).
+    Eos,
+    /// `max_new_tokens` reached.
+    Length,
+    Cancelled,
+}
+
+/// Log-probability of a generated token under the model (temperature 1) and the top
+/// alternatives.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TokenLogprob {
+    pub token: u32,
+    pub logprob: f32,
+    pub top: Vec<(u32, f32)>,
+}
+
+/// What one step produced for one row.
+#[derive(Clone, Debug)]
+pub struct StepEvent {
+    pub id: SeqId,
+    pub tokens: Vec<u32>,
+    /// One entry per generated token when the request asked for logprobs.
+    pub logprobs: Vec<TokenLogprob>,
+    pub finished: Option<FinishReason>,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct EngineOptions {
+    pub positions: PositionMode,
+    /// Rows decoded together; more requests wait in a queue.
+    pub max_batch: usize,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions {
+            positions: PositionMode::Trained,
+            max_batch: 64,
+        }
+    }
+}
+
+struct Seq {
+    id: SeqId,
+    sampler: Sampler,
+    max_new: usize,
+    eos: Option<u32>,
+    logprobs: Option<usize>,
+    /// Block decoder cache (block models, over blocks) or the model's cache (vanilla).
+    cache: KvCache,
+    /// Token decoder cache for the current block (block models).
+    td_cache: Option<KvCache>,
+    /// Rotary position of cache entry 0 (leading all-padding blocks are dropped but keep
+    /// their positions, as in the official code).
+    pos_offset: usize,
+    /// Inputs of the next step: prompt blocks/tokens before the first step, then the last
+    /// generated block/token.
+    pending: Vec<u32>,
+    generated: usize,
+    /// Official mode: tokens so far including the left padding, and the official max_length.
+    padded_len: usize,
+    left_pad: usize,
+    official_max_len: usize,
+}
+
+/// The batched decoding engine.
+pub struct Engine {
+    model: Arc<Model>,
+    opts: EngineOptions,
+    running: Vec<Seq>,
+    waiting: VecDeque<Seq>,
+    events: Vec<StepEvent>,
+    next_id: SeqId,
+}
+
+impl Engine {
+    pub fn new(model: Arc<Model>, opts: EngineOptions) -> Self {
+        Engine {
+            model,
+            opts: EngineOptions {
+                max_batch: opts.max_batch.max(1),
+                ..opts
+            },
+            running: Vec::new(),
+            waiting: VecDeque::new(),
+            events: Vec::new(),
+            next_id: 0,
+        }
+    }
+
+    pub fn model(&self) -> &Arc<Model> {
+        &self.model
+    }
+
+    /// Rows being decoded and rows waiting for a slot.
+    pub fn active(&self) -> usize {
+        self.running.len()
+    }
+    pub fn waiting(&self) -> usize {
+        self.waiting.len()
+    }
+    pub fn is_idle(&self) -> bool {
+        self.running.is_empty() && self.waiting.is_empty() && self.events.is_empty()
+    }
+
+    /// KV-cache bytes held by the running rows.
+    pub fn kv_cache_bytes(&self) -> usize {
+        self.running
+            .iter()
+            .map(|s| s.cache.bytes() + s.td_cache.as_ref().map_or(0, |c| c.bytes()))
+            .sum()
+    }
+
+    /// Queues a request; it joins the batch at the next step with a free slot.
+    pub fn add(&mut self, req: GenRequest) -> Result<SeqId> {
+        req.sampling.validate()?;
+        let vocab = self.model.config.vocab_size();
+        if req.prompt.is_empty() {
+            return Err(Error::input("prompt", "empty prompt (give at least one token)"));
+        }
+        if let Some(bad) = req.prompt.iter().find(|&&t| t as usize >= vocab) {
+            return Err(Error::input(
+                "prompt",
+                format!("token id {bad} is out of the vocabulary (size {vocab})"),
+            ));
+        }
+        let ctx = self.model.config.context_length();
+        if req.prompt.len() > ctx {
+            return Err(Error::input(
+                "prompt",
+                format!("{} tokens is longer than the model's context of {ctx} tokens", req.prompt.len()),
+            ));
+        }
+        let mask = match &req.prompt_mask {
+            Some(m) if m.len() != req.prompt.len() => {
+                return Err(Error::input(
+                    "attention_mask",
+                    format!("length {} differs from the prompt's {}", m.len(), req.prompt.len()),
+                ))
+            }
+            Some(m) => m.clone(),
+            None => vec![1; req.prompt.len()],
+        };
+        if let Some(i) = mask.iter().position(|&m| m != 0) {
+            if mask[i..].contains(&0) {
+                return Err(Error::input(
+                    "attention_mask",
+                    "padding after the first real token; only left padding is supported",
+                ));
+            }
+        } else {
+            return Err(Error::input("attention_mask", "masks out the whole prompt"));
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        let seq = match &self.model.arch {
+            Arch::Block(bt) => self.new_block_seq(bt, id, &req, &mask),
+            Arch::Vanilla(v) => Self::new_vanilla_seq(v, id, &req, &mask),
+        };
+        if req.max_new_tokens == 0 {
+            self.events.push(StepEvent {
+                id,
+                tokens: vec![],
+                logprobs: vec![],
+                finished: Some(FinishReason::Length),
+            });
+        } else {
+            self.waiting.push_back(seq);
+        }
+        Ok(id)
+    }
+
+    fn new_block_seq(&self, bt: &BlockTransformer, id: SeqId, req: &GenRequest, mask: &[u8]) -> Seq {
+        let l = bt.cfg.block_length;
+        let p = (l - req.prompt.len() % l) % l;
+        let mut ids = vec![bt.cfg.pad_token_id; p];
+        ids.extend_from_slice(&req.prompt);
+        let mut m = vec![0u8; p];
+        m.extend_from_slice(mask);
+        // Leading blocks without a real token are dropped (they are masked keys that never
+        // influence a real output) but keep their rotary positions.
+        let dropped = m.chunks(l).take_while(|b| b.iter().all(|&x| x == 0)).count();
+        let pending = ids[dropped * l..].to_vec();
+        let blocks = pending.len() / l + req.max_new_tokens.div_ceil(l) + 1;
+        Seq {
+            id,
+            sampler: Sampler::new(req.sampling),
+            max_new: req.max_new_tokens,
+            eos: req.eos_token_id,
+            logprobs: req.logprobs,
+            cache: bt.block_decoder.stack.new_cache(blocks),
+            td_cache: Some(bt.token_decoder.new_block_cache(l)),
+            pos_offset: dropped,
+            pending,
+            generated: 0,
+            padded_len: ids.len(),
+            left_pad: p,
+            official_max_len: req.prompt.len() + req.max_new_tokens,
+        }
+    }
+
+    fn new_vanilla_seq(v: &Vanilla, id: SeqId, req: &GenRequest, mask: &[u8]) -> Seq {
+        // Padding is dropped: HF positions are cumsum(mask) - 1 and padded keys get zero weight.
+        let pending: Vec<u32> = req
+            .prompt
+            .iter()
+            .zip(mask)
+            .filter(|(_, &m)| m != 0)
+            .map(|(&t, _)| t)
+            .collect();
+        Seq {
+            id,
+            sampler: Sampler::new(req.sampling),
+            max_new: req.max_new_tokens,
+            eos: req.eos_token_id,
+            logprobs: req.logprobs,
+            cache: v.stack.new_cache(pending.len() + req.max_new_tokens),
+            td_cache: None,
+            pos_offset: 0,
+            pending,
+            generated: 0,
+            padded_len: 0,
+            left_pad: 0,
+            official_max_len: 0,
+        }
+    }
+
+    /// Stops a request; its slot is free at the next step.
+    pub fn cancel(&mut self, id: SeqId) -> bool {
+        let found = if let Some(i) = self.running.iter().position(|s| s.id == id) {
+            self.running.remove(i);
+            true
+        } else if let Some(i) = self.waiting.iter().position(|s| s.id == id) {
+            self.waiting.remove(i);
+            true
+        } else {
+            false
+        };
+        if found {
+            self.events.push(StepEvent {
+                id,
+                tokens: vec![],
+                logprobs: vec![],
+                finished: Some(FinishReason::Cancelled),
+            });
+        }
+        found
+    }
+
+    /// Admits waiting rows, decodes one block (or token) for every running row, and returns
+    /// what each row produced.
+    pub fn step(&mut self) -> Result<Vec<StepEvent>> {
+        while self.running.len() < self.opts.max_batch {
+            match self.waiting.pop_front() {
+                Some(s) => self.running.push(s),
+                None => break,
+            }
+        }
+        let mut events = std::mem::take(&mut self.events);
+        if self.running.is_empty() {
+            return Ok(events);
+        }
+        let model = self.model.clone();
+        let mut new = match &model.arch {
+            Arch::Block(bt) => self.step_block(bt)?,
+            Arch::Vanilla(v) => self.step_vanilla(v)?,
+        };
+        let finished: Vec<SeqId> = new.iter().filter(|e| e.finished.is_some()).map(|e| e.id).collect();
+        self.running.retain(|s| !finished.contains(&s.id));
+        events.append(&mut new);
+        Ok(events)
+    }
+
+    /// Runs until every request has finished; returns all events in order.
+    pub fn run_to_completion(&mut self) -> Result<Vec<StepEvent>> {
+        let mut all = Vec::new();
+        while !self.is_idle() {
+            all.extend(self.step()?);
+        }
+        Ok(all)
+    }
+
+    fn step_block(&mut self, bt: &BlockTransformer) -> Result<Vec<StepEvent>> {
+        let l = bt.cfg.block_length;
+        let mode = self.opts.positions;
+        let dev = bt.device().clone();
+
+        // Block decoder over each row's new blocks (whole prompt at first, then one block).
+        let mut ids = Vec::new();
+        let mut specs = Vec::with_capacity(self.running.len());
+        let mut last_rows = Vec::with_capacity(self.running.len());
+        for s in &self.running {
+            let n = s.pending.len() / l;
+            ids.extend_from_slice(&s.pending);
+            specs.push(RowSpec::arange(n, s.pos_offset + s.cache.len));
+            last_rows.push((specs.iter().map(|r| r.n_new).sum::<usize>() - 1) as u32);
+        }
+        let n_blocks = ids.len() / l;
+        let e = bt.embedder.forward(&Tensor::from_vec(ids, (n_blocks, l), &dev)?)?;
+        let mut caches: Vec<&mut KvCache> = self.running.iter_mut().map(|s| &mut s.cache).collect();
+        let hid = bt.block_decoder.stack.forward_cached(&e, &specs, &mut caches)?;
+        let states = hid.index_select(&Tensor::new(last_rows.as_slice(), &dev)?, 0)?; // [S, D]
+
+        // Tokens to decode in this block per row.
+        let want: Vec<usize> = self
+            .running
+            .iter()
+            .map(|s| match mode {
+                PositionMode::Trained => (s.max_new - s.generated).min(l),
+                PositionMode::Official => {
+                    let cur = s.padded_len - s.left_pad;
+                    s.official_max_len.saturating_sub(cur).min(l)
+                }
+            })
+            .collect();
+
+        // Token decoder: prefix step, then one step per token.
+        let td = &bt.token_decoder;
+        let rows = self.running.len();
+        let mut blocks: Vec<Vec<u32>> = vec![Vec::with_capacity(l); rows];
+        let mut lps: Vec<Vec<TokenLogprob>> = vec![Vec::new(); rows];
+        let mut hit_eos = vec![false; rows];
+        let mut td_caches: Vec<&mut KvCache> = self
+            .running
+            .iter_mut()
+            .map(|s| s.td_cache.as_mut().expect("block rows have a token-decoder cache"))
+            .collect();
+        let logits = td.start_block(&states, &mut td_caches, mode)?;
+        let all: Vec<usize> = (0..rows).filter(|&r| want[r] > 0).collect();
+        self.pick(&logits, &all, &mut blocks, &mut lps, &mut hit_eos)?;
+        let max_want = want.iter().copied().max().unwrap_or(0);
+        for k in 1..max_want {
+            let active: Vec<usize> = (0..rows).filter(|&r| !hit_eos[r] && k < want[r]).collect();
+            if active.is_empty() {
+                break;
+            }
+            let tokens: Vec<u32> = active.iter().map(|&r| blocks[r][k - 1]).collect();
+            let mut sub: Vec<&mut KvCache> = self
+                .running
+                .iter_mut()
+                .enumerate()
+                .filter(|(r, _)| active.contains(r))
+                .map(|(_, s)| s.td_cache.as_mut().expect("token-decoder cache"))
+                .collect();
+            let logits = td.continue_block(&tokens, k, &mut sub, mode)?;
+            self.pick(&logits, &active, &mut blocks, &mut lps, &mut hit_eos)?;
+        }
+
+        // Assemble each row's block and decide who is finished.
+        let produced = blocks.iter().map(Vec::len).max().unwrap_or(0);
+        let mut events = Vec::with_capacity(rows);
+        for (r, s) in self.running.iter_mut().enumerate() {
+            let mut block = std::mem::take(&mut blocks[r]);
+            let (tokens, finished) = match mode {
+                PositionMode::Trained => {
+                    if hit_eos[r] {
+                        block.pop();
+                    }
+                    s.generated += block.len();
+                    let fin = if hit_eos[r] {
+                        Some(FinishReason::Eos)
+                    } else if s.generated >= s.max_new {
+                        Some(FinishReason::Length)
+                    } else {
+                        None
+                    };
+                    s.pending = block.clone();
+                    (block, fin)
+                }
+                PositionMode::Official => {
+                    // After a row's EOS: the generation pad id while the token-decoder batch is
+                    // still decoding, then the pad id; the block itself is padded with the pad id.
+                    let pad = bt.cfg.pad_token_id;
+                    let gen_pad = bt.cfg.generation_pad_token_id;
+                    while block.len() < produced.min(want[r]) {
+                        block.push(gen_pad);
+                    }
+                    while block.len() < want[r] {
+                        block.push(pad);
+                    }
+                    let mut next = block.clone();
+                    next.resize(l, pad);
+                    s.padded_len += l;
+                    s.generated += block.len();
+                    let fin = if s.eos.is_some_and(|e| next.contains(&e)) {
+                        Some(FinishReason::Eos)
+                    } else if s.padded_len >= s.official_max_len {
+                        Some(FinishReason::Length)
+                    } else {
+                        None
+                    };
+                    s.pending = next;
+                    (block, fin)
+                }
+            };
+            events.push(StepEvent {
+                id: s.id,
+                tokens,
+                logprobs: std::mem::take(&mut lps[r]),
+                finished,
+            });
+        }
+        Ok(events)
+    }
+
+    fn step_vanilla(&mut self, v: &Vanilla) -> Result<Vec<StepEvent>> {
+        let dev = v.embed_in.device().clone();
+        let mut ids = Vec::new();
+        let mut specs = Vec::with_capacity(self.running.len());
+        let mut last_rows = Vec::with_capacity(self.running.len());
+        for s in &self.running {
+            ids.extend_from_slice(&s.pending);
+            specs.push(RowSpec::arange(s.pending.len(), s.cache.len));
+            last_rows.push((ids.len() - 1) as u32);
+        }
+        let n = ids.len();
+        let x = v.embed_in.embedding(&Tensor::from_vec(ids, n, &dev)?)?;
+        let mut caches: Vec<&mut KvCache> = self.running.iter_mut().map(|s| &mut s.cache).collect();
+        let hid = v.stack.forward_cached(&x, &specs, &mut caches)?;
+        let last = hid.index_select(&Tensor::new(last_rows.as_slice(), &dev)?, 0)?;
+        let logits = v.embed_out.forward(&last)?;
+        let rows = self.running.len();
+        let mut toks: Vec<Vec<u32>> = vec![Vec::new(); rows];
+        let mut lps: Vec<Vec<TokenLogprob>> = vec![Vec::new(); rows];
+        let mut hit_eos = vec![false; rows];
+        let all: Vec<usize> = (0..rows).collect();
+        self.pick(&logits, &all, &mut toks, &mut lps, &mut hit_eos)?;
+        let mut events = Vec::with_capacity(rows);
+        for (r, s) in self.running.iter_mut().enumerate() {
+            let mut tokens = std::mem::take(&mut toks[r]);
+            s.pending = tokens.clone();
+            let finished = if hit_eos[r] {
+                tokens.clear();
+                Some(FinishReason::Eos)
+            } else {
+                s.generated += 1;
+                (s.generated >= s.max_new).then_some(FinishReason::Length)
+            };
+            events.push(StepEvent {
+                id: s.id,
+                tokens,
+                logprobs: std::mem::take(&mut lps[r]),
+                finished,
+            });
+        }
+        Ok(events)
+    }
+
+    /// Samples one token for each row in `rows` from `logits [rows.len(), V]`.
+    fn pick(
+        &mut self,
+        logits: &Tensor,
+        rows: &[usize],
+        out: &mut [Vec<u32>],
+        lps: &mut [Vec<TokenLogprob>],
+        hit_eos: &mut [bool],
+    ) -> Result<()> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let v = logits.dim(1)?;
+        let host: Vec<f32> = logits.flatten_all()?.to_vec1()?;
+        for (i, &r) in rows.iter().enumerate() {
+            let row = &host[i * v..(i + 1) * v];
+            let s = &mut self.running[r];
+            let tok = s.sampler.sample(row);
+            if let Some(n) = s.logprobs {
+                let (logprob, top) = sampling::logprobs(row, tok, n);
+                lps[r].push(TokenLogprob { token: tok, logprob, top });
+            }
+            out[r].push(tok);
+            if s.eos == Some(tok) {
+                hit_eos[r] = true;
+            }
+        }
+        Ok(())
+    }
+}
