@@ -22,10 +22,11 @@ use crate::error::Result;
 use crate::kernels::attention::{self, KvCache, Rotary, RowSpec};
 use candle_core::{DType, Device, Tensor, D};
 
-/// Dense layer, weight `[out, in]` as in PyTorch.
+/// Dense layer `y = x W^T + b`; the weight is held as `W^T` (`[in, out]`, contiguous).
 #[derive(Clone, Debug)]
 pub struct Linear {
-    pub weight: Tensor,
+    /// `[in, out]`.
+    pub weight_t: Tensor,
     pub bias: Option<Tensor>,
 }
 
@@ -38,13 +39,14 @@ impl Linear {
         bias: bool,
         std: f64,
     ) -> Result<Self> {
-        let weight = src.tensor(&format!("{name}.weight"), &[out_dim, in_dim], Init::Normal(std))?;
+        let weight_t =
+            src.tensor_t(&format!("{name}.weight"), &[out_dim, in_dim], Init::Normal(std))?;
         let bias = if bias {
             Some(src.tensor(&format!("{name}.bias"), &[out_dim], Init::Zeros)?)
         } else {
             None
         };
-        Ok(Linear { weight, bias })
+        Ok(Linear { weight_t, bias })
     }
 
     /// `x [.., in] -> [.., out]`, flattened to one matmul.
@@ -52,13 +54,13 @@ impl Linear {
         let dims = x.dims().to_vec();
         let in_dim = *dims.last().expect("rank >= 1");
         let rows = x.elem_count() / in_dim;
-        let y = x.reshape((rows, in_dim))?.matmul(&self.weight.t()?)?;
+        let y = x.reshape((rows, in_dim))?.matmul(&self.weight_t)?;
         let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
         };
         let mut out_dims = dims;
-        *out_dims.last_mut().expect("rank >= 1") = self.weight.dim(0)?;
+        *out_dims.last_mut().expect("rank >= 1") = self.weight_t.dim(1)?;
         Ok(y.reshape(out_dims)?)
     }
 }

@@ -35,6 +35,15 @@ pub enum Init {
 /// Names are the official state-dict names; shapes are PyTorch's.
 pub trait WeightSource {
     fn tensor(&mut self, name: &str, shape: &[usize], init: Init) -> Result<Tensor>;
+
+    /// A weight stored as `[out, ...in]` (PyTorch layout), returned as a contiguous
+    /// `[in, out]` matrix: the layout the matmuls read fastest (3-4x faster at decode shapes
+    /// than a transposed view).
+    fn tensor_t(&mut self, name: &str, shape: &[usize], init: Init) -> Result<Tensor> {
+        let t = self.tensor(name, shape, init)?;
+        let out = shape[0];
+        Ok(t.reshape((out, t.elem_count() / out))?.t()?.contiguous()?)
+    }
 }
 
 /// Random weights from a seed (presets without a checkpoint, fresh training runs).
@@ -77,6 +86,13 @@ impl WeightSource for Recorder<'_> {
     fn tensor(&mut self, name: &str, shape: &[usize], init: Init) -> Result<Tensor> {
         let t = self.inner.tensor(name, shape, init)?;
         self.params.push((name.to_string(), t.clone()));
+        Ok(t)
+    }
+
+    fn tensor_t(&mut self, name: &str, shape: &[usize], init: Init) -> Result<Tensor> {
+        let t = self.inner.tensor_t(name, shape, init)?;
+        // Recorded in the official layout: a transposed view of the same storage.
+        self.params.push((name.to_string(), t.t()?.reshape(shape)?));
         Ok(t)
     }
 }

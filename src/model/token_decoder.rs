@@ -22,8 +22,8 @@ pub struct TokenDecoder {
     pub stack: NeoX,
     /// `token_decoder.embed_out.weight` `[V, H]`, no bias.
     pub embed_out: Linear,
-    /// `token_decoder.expansion_layer.weight` `[R*H, D, 1]`.
-    pub expansion_weight: Tensor,
+    /// `token_decoder.expansion_layer.weight` `[R*H, D, 1]`, held as `[D, R*H]`.
+    pub expansion_weight_t: Tensor,
     /// `token_decoder.expansion_layer.bias` `[R*H]`.
     pub expansion_bias: Tensor,
     pub n_prefix: usize,
@@ -45,7 +45,7 @@ impl TokenDecoder {
         )?;
         let stack = NeoX::load(src, PREFIX, t)?;
         let embed_out = Linear::load(src, "token_decoder.embed_out", v, h, false, 0.02)?;
-        let expansion_weight = src.tensor(
+        let expansion_weight_t = src.tensor_t(
             "token_decoder.expansion_layer.weight",
             &[r * h, d, 1],
             Init::Normal(1.0 / (d as f64).sqrt()),
@@ -56,7 +56,7 @@ impl TokenDecoder {
             embed_in,
             stack,
             embed_out,
-            expansion_weight,
+            expansion_weight_t,
             expansion_bias,
             n_prefix: r,
         })
@@ -68,10 +68,9 @@ impl TokenDecoder {
 
     /// Block-decoder states `s [N, D]` -> prefix vectors `[N, R, H]`.
     pub fn expand(&self, s: &Tensor) -> Result<Tensor> {
-        let (n, d) = s.dims2()?;
+        let n = s.dim(0)?;
         let (r, h) = (self.n_prefix, self.hidden_size());
-        let w = self.expansion_weight.reshape((r * h, d))?;
-        Ok(s.matmul(&w.t()?)?
+        Ok(s.matmul(&self.expansion_weight_t)?
             .broadcast_add(&self.expansion_bias)?
             .reshape((n, r, h))?)
     }

@@ -1,0 +1,118 @@
+//! Arguments and helpers shared by the subcommands.
+
+use anyhow::{bail, Context};
+use blockformer::checkpoint::{self, ArchSource};
+use blockformer::config;
+use blockformer::model::Model;
+use blockformer::tokenizer::Tokenizer;
+use candle_core::Device;
+use std::path::PathBuf;
+
+/// Which model to use.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// Model folder (config.json + model.safetensors [+ tokenizer.json]) or a .safetensors file
+    /// (official checkpoint or HF GPT-NeoX).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// A preset architecture (e.g. block_main_b4_85, vanilla_70). Alone: random weights;
+    /// with --model: the architecture of that checkpoint.
+    #[arg(long)]
+    pub preset: Option<String>,
+    /// Architecture from a config.json (ours, HF GPT-NeoX, or the official YAML keys as JSON).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Tokenizer (tokenizer.json); defaults to the one in the model folder.
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    /// Seed of the random weights when no checkpoint is given.
+    #[arg(long, default_value_t = 0)]
+    pub weights_seed: u64,
+    /// Device: cpu (cuda needs a build with the `cuda` feature).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+pub struct LoadedModel {
+    pub model: Model,
+    pub description: String,
+    pub tokenizer: Option<Tokenizer>,
+}
+
+pub fn device(name: &str) -> anyhow::Result<Device> {
+    match name {
+        "cpu" => Ok(Device::Cpu),
+        d if d == "cuda" || d.starts_with("cuda:") => {
+            bail!("--device {d}: this binary was built without CUDA support (rebuild with `--features cuda`)")
+        }
+        other => bail!("--device {other}: unknown device (expected cpu or cuda[:N])"),
+    }
+}
+
+impl ModelArgs {
+    pub fn load(&self) -> anyhow::Result<LoadedModel> {
+        let dev = device(&self.device)?;
+        let (model, description, tok_path) = match (&self.model, &self.preset, &self.config) {
+            (Some(path), preset, cfg) => {
+                let l = checkpoint::load(path, preset.as_deref(), cfg.as_deref(), &dev)?;
+                let desc = format!(
+                    "{} (architecture from {})",
+                    l.weights_path.display(),
+                    l.arch_source
+                );
+                if l.arch_source == ArchSource::Inferred {
+                    tracing::info!("architecture inferred from tensor shapes");
+                }
+                (l.model, desc, l.tokenizer_path)
+            }
+            (None, Some(p), None) => {
+                let cfg = config::preset(p)?;
+                let m = Model::random(&cfg, self.weights_seed, &dev)?;
+                (m, format!("preset {p} with random weights (seed {})", self.weights_seed), None)
+            }
+            (None, None, Some(c)) => {
+                let cfg = config::ModelConfig::from_file(c)?;
+                let m = Model::random(&cfg, self.weights_seed, &dev)?;
+                (m, format!("{} with random weights (seed {})", c.display(), self.weights_seed), None)
+            }
+            (None, Some(_), Some(_)) => bail!("--preset and --config both give an architecture; pick one"),
+            (None, None, None) => bail!("no model: give --model DIR, --preset NAME or --config FILE"),
+        };
+        let tok_path = self.tokenizer.clone().or(tok_path);
+        let tokenizer = match tok_path {
+            Some(p) => {
+                let t = Tokenizer::from_file(&p)?;
+                let v = model.config.vocab_size();
+                if t.vocab_size() > v {
+                    bail!(
+                        "tokenizer {} has {} tokens but the model's vocabulary has {v}",
+                        p.display(),
+                        t.vocab_size()
+                    );
+                }
+                Some(t)
+            }
+            None => None,
+        };
+        Ok(LoadedModel {
+            model,
+            description,
+            tokenizer,
+        })
+    }
+}
+
+/// Parses "1 2 3" or "1,2,3" into ids.
+pub fn parse_ids(s: &str) -> anyhow::Result<Vec<u32>> {
+    s.split(|c: char| c == ',' || c.is_whitespace())
+        .filter(|t| !t.is_empty())
+        .map(|t| {
+            t.parse::<u32>()
+                .with_context(|| format!("--ids: `{t}` is not a token id (expected non-negative integers)"))
+        })
+        .collect()
+}
+
+pub fn millions(n: usize) -> String {
+    format!("{:.2}M", n as f64 / 1e6)
+}
