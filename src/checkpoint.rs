@@ -20,13 +20,16 @@ pub const TOKENIZER_FILE: &str = "tokenizer.json";
 /// Tensor names the official checkpoints store but no model reads.
 const ACCEPTED_UNUSED: &[&str] = &[block_decoder::UNUSED_EMBED_IN];
 
+/// Dtype, shape and byte range (within the data section) of one stored tensor.
+pub type TensorEntry = (Dtype, Vec<usize>, (usize, usize));
+
 /// A memory-mapped safetensors file with its parsed header.
 pub struct SafetensorsFile {
     pub path: PathBuf,
     mmap: memmap2::Mmap,
     data_start: usize,
     /// name -> (dtype, shape, byte range within the data section)
-    pub tensors: BTreeMap<String, (Dtype, Vec<usize>, (usize, usize))>,
+    pub tensors: BTreeMap<String, TensorEntry>,
 }
 
 impl SafetensorsFile {
@@ -65,9 +68,10 @@ impl SafetensorsFile {
 
     /// Loads one tensor as float32.
     pub fn load_f32(&self, name: &str, device: &Device) -> Result<Tensor> {
-        let (dtype, shape, (a, b)) = self.tensors.get(name).ok_or_else(|| {
-            Error::checkpoint(&self.path, format!("missing tensor `{name}`"))
-        })?;
+        let (dtype, shape, (a, b)) = self
+            .tensors
+            .get(name)
+            .ok_or_else(|| Error::checkpoint(&self.path, format!("missing tensor `{name}`")))?;
         let bytes = &self.mmap[self.data_start + a..self.data_start + b];
         let data: Vec<f32> = match dtype {
             Dtype::F32 => bytes
@@ -218,11 +222,20 @@ pub fn load(
     let (cfg, source) = if let Some(p) = preset {
         (config::preset(p)?, ArchSource::Preset(p.to_string()))
     } else if let Some(c) = config {
-        (ModelConfig::from_file(c)?, ArchSource::ConfigFile(c.to_path_buf()))
+        (
+            ModelConfig::from_file(c)?,
+            ArchSource::ConfigFile(c.to_path_buf()),
+        )
     } else if path.is_dir() && dir_config.exists() {
-        (ModelConfig::from_file(&dir_config)?, ArchSource::ConfigFile(dir_config))
+        (
+            ModelConfig::from_file(&dir_config)?,
+            ArchSource::ConfigFile(dir_config),
+        )
     } else {
-        (infer_config(&file.shapes(), &weights)?, ArchSource::Inferred)
+        (
+            infer_config(&file.shapes(), &weights)?,
+            ArchSource::Inferred,
+        )
     };
     let model = load_weights(&file, &cfg, &source.to_string(), device)?;
     let tok = dir.join(TOKENIZER_FILE);
@@ -244,7 +257,10 @@ fn shape_of<'a>(
         Some(s) if s.len() == rank => Ok(s),
         Some(s) => Err(Error::checkpoint(
             path,
-            format!("tensor `{name}` has rank {} (shape {s:?}); expected rank {rank}", s.len()),
+            format!(
+                "tensor `{name}` has rank {} (shape {s:?}); expected rank {rank}",
+                s.len()
+            ),
         )),
         None => Err(Error::checkpoint(
             path,
@@ -259,7 +275,12 @@ fn infer_stack(
     vocab: usize,
     path: &Path,
 ) -> Result<NeoXConfig> {
-    let w = shape_of(shapes, &format!("{prefix}.final_layer_norm.weight"), 1, path)?[0];
+    let w = shape_of(
+        shapes,
+        &format!("{prefix}.final_layer_norm.weight"),
+        1,
+        path,
+    )?[0];
     let layers = (0..)
         .take_while(|i| shapes.contains_key(&format!("{prefix}.layers.{i}.input_layernorm.weight")))
         .count();
@@ -269,8 +290,19 @@ fn infer_stack(
             format!("cannot infer the architecture: no `{prefix}.layers.0.*` tensors"),
         ));
     }
-    let f = shape_of(shapes, &format!("{prefix}.layers.0.mlp.dense_h_to_4h.weight"), 2, path)?[0];
-    Ok(NeoXConfig::pythia(vocab, layers, w, w / config::auto_head_dim(w).min(w), f))
+    let f = shape_of(
+        shapes,
+        &format!("{prefix}.layers.0.mlp.dense_h_to_4h.weight"),
+        2,
+        path,
+    )?[0];
+    Ok(NeoXConfig::pythia(
+        vocab,
+        layers,
+        w,
+        w / config::auto_head_dim(w).min(w),
+        f,
+    ))
 }
 
 /// Infers the architecture from tensor names and shapes; heads follow the official auto-fill

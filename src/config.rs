@@ -133,7 +133,7 @@ impl NeoXConfig {
                 return err(format!("field `{name}` must be positive"));
             }
         }
-        if self.hidden_size % self.num_attention_heads != 0 {
+        if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return err(format!(
                 "field `hidden_size` ({}) must be a multiple of `num_attention_heads` ({})",
                 self.hidden_size, self.num_attention_heads
@@ -147,7 +147,7 @@ impl NeoXConfig {
             ));
         }
         let rd = self.rotary_dims();
-        if !(0.0..=1.0).contains(&self.rotary_pct) || rd % 2 != 0 {
+        if !(0.0..=1.0).contains(&self.rotary_pct) || !rd.is_multiple_of(2) {
             return err(format!(
                 "field `rotary_pct` ({}) must give an even number of rotary dims per head (got {rd})",
                 self.rotary_pct
@@ -163,7 +163,9 @@ impl NeoXConfig {
             return err("field `attention_bias` = false is not supported (all GPT-NeoX checkpoints have biases)".into());
         }
         if self.tie_word_embeddings {
-            return err("field `tie_word_embeddings` = true is not supported (GPT-NeoX is untied)".into());
+            return err(
+                "field `tie_word_embeddings` = true is not supported (GPT-NeoX is untied)".into(),
+            );
         }
         Ok(())
     }
@@ -267,16 +269,27 @@ impl BlockConfig {
             path.iter().try_fold(v, |acc, k| acc.get(*k))
         };
         let need_usize = |path: &[&str]| -> Result<usize> {
-            get(path).and_then(|x| x.as_u64()).map(|x| x as usize).ok_or_else(|| {
-                Error::config(origin, format!("missing integer field `{}`", path.join(".")))
-            })
+            get(path)
+                .and_then(|x| x.as_u64())
+                .map(|x| x as usize)
+                .ok_or_else(|| {
+                    Error::config(
+                        origin,
+                        format!("missing integer field `{}`", path.join(".")),
+                    )
+                })
         };
         let stack = |name: &str| -> Result<NeoXConfig> {
-            let c = |k: &str| get(&[name, "config", k]).and_then(|x| x.as_u64()).map(|x| x as usize);
+            let c = |k: &str| {
+                get(&[name, "config", k])
+                    .and_then(|x| x.as_u64())
+                    .map(|x| x as usize)
+            };
             let vocab = c("vocab_size").unwrap_or(PYTHIA_VOCAB);
             let hidden = need_usize(&[name, "config", "hidden_size"])?;
             let layers = need_usize(&[name, "config", "num_hidden_layers"])?;
-            let heads = c("num_attention_heads").unwrap_or(hidden / auto_head_dim(hidden).min(hidden));
+            let heads =
+                c("num_attention_heads").unwrap_or(hidden / auto_head_dim(hidden).min(hidden));
             let mlp = c("intermediate_size").unwrap_or(4 * hidden);
             Ok(NeoXConfig::pythia(vocab, layers, hidden, heads, mlp))
         };
@@ -297,7 +310,9 @@ impl BlockConfig {
             if cls != "lookup" {
                 return Err(Error::config(
                     origin,
-                    format!("field `embedder.cls` is `{cls}`; only the lookup embedder is implemented"),
+                    format!(
+                        "field `embedder.cls` is `{cls}`; only the lookup embedder is implemented"
+                    ),
                 ));
             }
         }
@@ -409,6 +424,7 @@ impl BlockConfig {
 
 /// Either model kind.
 #[derive(Clone, Debug, PartialEq)]
+#[allow(clippy::large_enum_variant)]
 pub enum ModelConfig {
     Block(BlockConfig),
     Vanilla(NeoXConfig),
@@ -488,7 +504,9 @@ impl ModelConfig {
             other => {
                 return Err(Error::config(
                     origin,
-                    format!("field `model_type` is `{other}`; expected `block_transformer` or `gpt_neox`"),
+                    format!(
+                    "field `model_type` is `{other}`; expected `block_transformer` or `gpt_neox`"
+                ),
                 ))
             }
         };
@@ -589,8 +607,16 @@ mod tests {
         for (name, non_emb, total) in table {
             let cfg = preset(name).unwrap();
             cfg.validate(name).unwrap();
-            assert!((m(cfg.non_embedding_params()) - non_emb).abs() < 0.006, "{name} non-emb {}", cfg.non_embedding_params());
-            assert!((m(cfg.total_params()) - total).abs() < 0.006, "{name} total {}", cfg.total_params());
+            assert!(
+                (m(cfg.non_embedding_params()) - non_emb).abs() < 0.006,
+                "{name} non-emb {}",
+                cfg.non_embedding_params()
+            );
+            assert!(
+                (m(cfg.total_params()) - total).abs() < 0.006,
+                "{name} total {}",
+                cfg.total_params()
+            );
         }
     }
 
@@ -605,7 +631,9 @@ mod tests {
 
     #[test]
     fn bad_configs_name_the_field() {
-        let e = ModelConfig::from_json_str("{}", "x.json").unwrap_err().to_string();
+        let e = ModelConfig::from_json_str("{}", "x.json")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("model_type"), "{e}");
         let e = ModelConfig::from_json_str("{\"model_type\": \"llama\"}", "x.json")
             .unwrap_err()
@@ -615,7 +643,9 @@ mod tests {
         c.embedder.hidden_size = 15;
         let e = ModelConfig::Block(c).validate("x").unwrap_err().to_string();
         assert!(e.contains("embedder.hidden_size"), "{e}");
-        let e = ModelConfig::from_json_str("not json", "x.json").unwrap_err().to_string();
+        let e = ModelConfig::from_json_str("not json", "x.json")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("x.json") && e.contains("JSON"), "{e}");
     }
 }

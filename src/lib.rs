@@ -7,6 +7,7 @@ pub mod error;
 pub mod generate;
 pub mod kernels;
 pub mod model;
+pub mod score;
 pub mod tokenizer;
 
 pub use error::{Error, Result};

@@ -62,7 +62,11 @@ impl Tokenizer {
     }
 
     /// Trains a byte-level BPE tokenizer on `files` and saves it to `out`.
-    pub fn train_bpe(files: &[std::path::PathBuf], vocab_size: usize, out: &Path) -> Result<Tokenizer> {
+    pub fn train_bpe(
+        files: &[std::path::PathBuf],
+        vocab_size: usize,
+        out: &Path,
+    ) -> Result<Tokenizer> {
         use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
         use tokenizers::{decoders, pre_tokenizers, processors, AddedToken, TokenizerBuilder};
         let origin = out.display().to_string();
@@ -78,7 +82,10 @@ impl Tokenizer {
         }
         for f in files {
             if !f.is_file() {
-                return Err(Error::io(f, std::io::Error::new(std::io::ErrorKind::NotFound, "training file not found")));
+                return Err(Error::io(
+                    f,
+                    std::io::Error::new(std::io::ErrorKind::NotFound, "training file not found"),
+                ));
             }
         }
         let specials = vec![
@@ -90,14 +97,24 @@ impl Tokenizer {
             .min_frequency(2)
             .show_progress(false)
             .special_tokens(specials)
-            .initial_alphabet(pre_tokenizers::byte_level::ByteLevel::alphabet().into_iter().collect())
+            .initial_alphabet(
+                pre_tokenizers::byte_level::ByteLevel::alphabet()
+                    .into_iter()
+                    .collect(),
+            )
             .build();
         let mut tok = TokenizerBuilder::new()
             .with_model(BPE::default())
             .with_normalizer(None::<tokenizers::NormalizerWrapper>)
-            .with_pre_tokenizer(Some(pre_tokenizers::byte_level::ByteLevel::new(false, true, true)))
-            .with_post_processor(Some(processors::byte_level::ByteLevel::new(false, true, true)))
-            .with_decoder(Some(decoders::byte_level::ByteLevel::new(false, true, true)))
+            .with_pre_tokenizer(Some(pre_tokenizers::byte_level::ByteLevel::new(
+                false, true, true,
+            )))
+            .with_post_processor(Some(processors::byte_level::ByteLevel::new(
+                false, true, true,
+            )))
+            .with_decoder(Some(decoders::byte_level::ByteLevel::new(
+                false, true, true,
+            )))
             .build()
             .map_err(|e| fail(e.to_string()))?;
         let names: Vec<String> = files.iter().map(|p| p.display().to_string()).collect();
@@ -106,7 +123,8 @@ impl Tokenizer {
         if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         }
-        tok.save(out, false).map_err(|e| fail(format!("save failed: {e}")))?;
+        tok.save(out, false)
+            .map_err(|e| fail(format!("save failed: {e}")))?;
         let t = Tokenizer::from_file(out)?;
         if t.token_id(EOS_TOKEN) != Some(0) || t.token_id(PAD_TOKEN) != Some(1) {
             return Err(fail("special tokens did not get ids 0 and 1".into()));
@@ -165,7 +183,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("tokenizer.json");
         let e = Tokenizer::from_file(&p).err().unwrap().to_string();
-        assert!(e.contains("tokenizer.json") && e.contains("not found"), "{e}");
+        assert!(
+            e.contains("tokenizer.json") && e.contains("not found"),
+            "{e}"
+        );
         std::fs::write(&p, "{oops").unwrap();
         let e = Tokenizer::from_file(&p).err().unwrap().to_string();
         assert!(e.contains("not a valid tokenizer.json"), "{e}");

@@ -21,7 +21,12 @@ fn official_generate_cases_reproduced_token_for_token() {
             let mask: Option<Vec<Vec<u8>>> = case
                 .get("attention_mask")
                 .filter(|m| !m.is_null())
-                .map(|m| ids_2d(m).into_iter().map(|r| r.into_iter().map(|x| x as u8).collect()).collect());
+                .map(|m| {
+                    ids_2d(m)
+                        .into_iter()
+                        .map(|r| r.into_iter().map(|x| x as u8).collect())
+                        .collect()
+                });
             let (limit, eos) = if fx.is_block() {
                 (
                     case["max_length"].as_u64().unwrap() as usize,
@@ -33,7 +38,11 @@ fn official_generate_cases_reproduced_token_for_token() {
             let got = official::generate(model.clone(), &ids, mask.as_deref(), limit, eos).unwrap();
             let want = ids_2d(&case["output_ids"]);
             assert_eq!(got, want, "{name}");
-            println!("{name}: {} rows x {} ids reproduced", want.len(), want[0].len());
+            println!(
+                "{name}: {} rows x {} ids reproduced",
+                want.len(),
+                want[0].len()
+            );
             checked += 1;
         }
     }
@@ -43,7 +52,9 @@ fn official_generate_cases_reproduced_token_for_token() {
 /// Per-step logits of the token decoder for one block, driven by the engine's step functions.
 fn stepwise_logits(fx: &Fixture, mode: PositionMode) -> (Vec<Vec<f32>>, Vec<u32>) {
     let model = fx.model();
-    let Arch::Block(bt) = &model.arch else { unreachable!() };
+    let Arch::Block(bt) = &model.arch else {
+        unreachable!()
+    };
     let td = &bt.token_decoder;
     let emb = fx.arr("td_block_embedding");
     let d = *emb.shape.last().unwrap();
@@ -58,9 +69,15 @@ fn stepwise_logits(fx: &Fixture, mode: PositionMode) -> (Vec<Vec<f32>>, Vec<u32>
     let mut cache = td.new_block_cache(l);
     let mut out = vec![td.start_block(&s, &mut [&mut cache], mode).unwrap()];
     for k in 1..l {
-        out.push(td.continue_block(&seq[k..k + 1], k, &mut [&mut cache], mode).unwrap());
+        out.push(
+            td.continue_block(&seq[k..k + 1], k, &mut [&mut cache], mode)
+                .unwrap(),
+        );
     }
-    let rows = out.iter().map(|t| t.flatten_all().unwrap().to_vec1().unwrap()).collect();
+    let rows = out
+        .iter()
+        .map(|t| t.flatten_all().unwrap().to_vec1().unwrap())
+        .collect();
     (rows, seq[1..].to_vec())
 }
 
@@ -89,6 +106,10 @@ fn token_decoder_step_logits_match_official_paths() {
             worst_vs_forward = worst_vs_forward.max(max_abs_diff(row, &fwd[k * v..(k + 1) * v]));
         }
         // The two position rules really differ (spec 9.2), so the test can tell them apart.
-        assert!(worst_vs_forward > 1e-2, "{}: modes indistinguishable", fx.name());
+        assert!(
+            worst_vs_forward > 1e-2,
+            "{}: modes indistinguishable",
+            fx.name()
+        );
     }
 }

@@ -32,20 +32,39 @@ fn block_forward_matches_official() {
             continue;
         }
         let model = fx.model();
-        let Arch::Block(bt) = &model.arch else { panic!("block model expected") };
+        let Arch::Block(bt) = &model.arch else {
+            panic!("block model expected")
+        };
         let name = fx.name();
 
         // Logits, block embeddings and block-decoder states (no labels).
         for (skip, key) in [(true, "fwd_logits"), (false, "fwd_logits_no_skip")] {
             let out = bt
-                .forward(&block_batch(&fx, false), ForwardOptions { skip_padding_blocks: skip, want_logits: true })
+                .forward(
+                    &block_batch(&fx, false),
+                    ForwardOptions {
+                        skip_padding_blocks: skip,
+                        want_logits: true,
+                    },
+                )
                 .unwrap();
-            let got: Vec<f32> = out.logits.unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            let got: Vec<f32> = out
+                .logits
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
             let d = max_abs_diff(&got, &fx.arr(key).f32s());
             println!("{name} {key}: max |diff| = {d:e}");
             assert!(d <= LOGITS_TOL, "{name} {key}: max |diff| {d}");
             if skip {
-                let emb: Vec<f32> = out.block_embeddings.flatten_all().unwrap().to_vec1().unwrap();
+                let emb: Vec<f32> = out
+                    .block_embeddings
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
                 let d = max_abs_diff(&emb, &fx.arr("fwd_block_embeddings").f32s());
                 assert!(d <= LOGITS_TOL, "{name} block embeddings: {d}");
                 // Hidden states at queries whose every key is padding are not comparable
@@ -67,12 +86,22 @@ fn block_forward_matches_official() {
         }
 
         // Loss and loss by position (with labels).
-        let out = bt.forward(&block_batch(&fx, true), ForwardOptions::default()).unwrap();
+        let out = bt
+            .forward(&block_batch(&fx, true), ForwardOptions::default())
+            .unwrap();
         let loss = out.loss.as_ref().unwrap().to_scalar::<f32>().unwrap() as f64;
         let want = fx.arr("fwd_loss").data[0];
         println!("{name} loss: {loss} vs {want}");
-        assert!((loss - want).abs() <= LOSS_TOL, "{name} loss {loss} vs {want}");
-        for (j, (got, want)) in out.loss_by_position().iter().zip(&fx.arr("fwd_loss_by_position").data).enumerate() {
+        assert!(
+            (loss - want).abs() <= LOSS_TOL,
+            "{name} loss {loss} vs {want}"
+        );
+        for (j, (got, want)) in out
+            .loss_by_position()
+            .iter()
+            .zip(&fx.arr("fwd_loss_by_position").data)
+            .enumerate()
+        {
             assert!(
                 (got.is_nan() && want.is_nan()) || (got - want).abs() <= LOSS_TOL,
                 "{name} loss by position {j}: {got} vs {want}"
@@ -89,18 +118,26 @@ fn vanilla_forward_matches_official() {
             continue;
         }
         let model = fx.model();
-        let Arch::Vanilla(v) = &model.arch else { panic!("vanilla model expected") };
+        let Arch::Vanilla(v) = &model.arch else {
+            panic!("vanilla model expected")
+        };
         let ids = fx.arr("fwd_input_ids");
         let (b, t) = (ids.shape[0], ids.shape[1]);
         let mask: Vec<u8> = fx.arr("fwd_attention_mask").ints();
         let labels: Vec<i64> = fx.arr("fwd_labels").ints();
-        let out = v.forward(&ids.ints::<u32>(), b, t, Some(&mask), Some(&labels)).unwrap();
+        let out = v
+            .forward(&ids.ints::<u32>(), b, t, Some(&mask), Some(&labels))
+            .unwrap();
         let got: Vec<f32> = out.logits.flatten_all().unwrap().to_vec1().unwrap();
         let d = max_abs_diff(&got, &fx.arr("fwd_logits").f32s());
         println!("{} logits: max |diff| = {d:e}", fx.name());
         assert!(d <= LOGITS_TOL, "{} logits {d}", fx.name());
         let loss = out.loss.unwrap().to_scalar::<f32>().unwrap() as f64;
         let want = fx.arr("fwd_loss").data[0];
-        assert!((loss - want).abs() <= LOSS_TOL, "{} loss {loss} vs {want}", fx.name());
+        assert!(
+            (loss - want).abs() <= LOSS_TOL,
+            "{} loss {loss} vs {want}",
+            fx.name()
+        );
     }
 }

@@ -68,15 +68,34 @@ impl ModelArgs {
             (None, Some(p), None) => {
                 let cfg = config::preset(p)?;
                 let m = Model::random(&cfg, self.weights_seed, &dev)?;
-                (m, format!("preset {p} with random weights (seed {})", self.weights_seed), None)
+                (
+                    m,
+                    format!(
+                        "preset {p} with random weights (seed {})",
+                        self.weights_seed
+                    ),
+                    None,
+                )
             }
             (None, None, Some(c)) => {
                 let cfg = config::ModelConfig::from_file(c)?;
                 let m = Model::random(&cfg, self.weights_seed, &dev)?;
-                (m, format!("{} with random weights (seed {})", c.display(), self.weights_seed), None)
+                (
+                    m,
+                    format!(
+                        "{} with random weights (seed {})",
+                        c.display(),
+                        self.weights_seed
+                    ),
+                    None,
+                )
             }
-            (None, Some(_), Some(_)) => bail!("--preset and --config both give an architecture; pick one"),
-            (None, None, None) => bail!("no model: give --model DIR, --preset NAME or --config FILE"),
+            (None, Some(_), Some(_)) => {
+                bail!("--preset and --config both give an architecture; pick one")
+            }
+            (None, None, None) => {
+                bail!("no model: give --model DIR, --preset NAME or --config FILE")
+            }
         };
         let tok_path = self.tokenizer.clone().or(tok_path);
         let tokenizer = match tok_path {
@@ -107,8 +126,9 @@ pub fn parse_ids(s: &str) -> anyhow::Result<Vec<u32>> {
     s.split(|c: char| c == ',' || c.is_whitespace())
         .filter(|t| !t.is_empty())
         .map(|t| {
-            t.parse::<u32>()
-                .with_context(|| format!("--ids: `{t}` is not a token id (expected non-negative integers)"))
+            t.parse::<u32>().with_context(|| {
+                format!("--ids: `{t}` is not a token id (expected non-negative integers)")
+            })
         })
         .collect()
 }

@@ -2,7 +2,9 @@
 
 use super::common::{parse_ids, ModelArgs};
 use anyhow::{bail, Context};
-use blockformer::generate::{Engine, EngineOptions, FinishReason, GenRequest, PositionMode, SamplingParams};
+use blockformer::generate::{
+    Engine, EngineOptions, FinishReason, GenRequest, PositionMode, SamplingParams,
+};
 use blockformer::tokenizer::StreamDecoder;
 use rand::{Rng, SeedableRng};
 use std::collections::HashMap;
@@ -159,7 +161,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 if stream {
                     writeln!(out)?;
                 } else {
-                    let mut all = if a.no_echo { vec![] } else { prompts[r].clone() };
+                    let mut all = if a.no_echo {
+                        vec![]
+                    } else {
+                        prompts[r].clone()
+                    };
                     all.extend_from_slice(&generated[r]);
                     let text = match (&tok, as_ids) {
                         (Some(t), false) => t.decode(&all)?,

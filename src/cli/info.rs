@@ -44,7 +44,8 @@ pub fn describe(cfg: &ModelConfig) -> Vec<String> {
                 b.embedder.hidden_size,
                 match b.embedder.projection_method {
                     Projection::Concat => "concat".to_string(),
-                    Projection::ProjectionLayer => format!("projection layer -> {}", b.block_decoder.hidden_size),
+                    Projection::ProjectionLayer =>
+                        format!("projection layer -> {}", b.block_decoder.hidden_size),
                 }
             ));
             out.push(stack("block decoder", &b.block_decoder));

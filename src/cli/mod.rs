@@ -7,7 +7,11 @@ mod info;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser, Debug)]
-#[command(name = "blockformer", version, about = "Block Transformer and GPT-NeoX language models: load, generate, inspect")]
+#[command(
+    name = "blockformer",
+    version,
+    about = "Block Transformer and GPT-NeoX language models: load, generate, inspect"
+)]
 pub struct Cli {
     /// Worker threads for matmuls and attention (default: all cores).
     #[arg(long, global = true)]

@@ -163,7 +163,10 @@ impl Engine {
         req.sampling.validate()?;
         let vocab = self.model.config.vocab_size();
         if req.prompt.is_empty() {
-            return Err(Error::input("prompt", "empty prompt (give at least one token)"));
+            return Err(Error::input(
+                "prompt",
+                "empty prompt (give at least one token)",
+            ));
         }
         if let Some(bad) = req.prompt.iter().find(|&&t| t as usize >= vocab) {
             return Err(Error::input(
@@ -175,14 +178,21 @@ impl Engine {
         if req.prompt.len() > ctx {
             return Err(Error::input(
                 "prompt",
-                format!("{} tokens is longer than the model's context of {ctx} tokens", req.prompt.len()),
+                format!(
+                    "{} tokens is longer than the model's context of {ctx} tokens",
+                    req.prompt.len()
+                ),
             ));
         }
         let mask = match &req.prompt_mask {
             Some(m) if m.len() != req.prompt.len() => {
                 return Err(Error::input(
                     "attention_mask",
-                    format!("length {} differs from the prompt's {}", m.len(), req.prompt.len()),
+                    format!(
+                        "length {} differs from the prompt's {}",
+                        m.len(),
+                        req.prompt.len()
+                    ),
                 ))
             }
             Some(m) => m.clone(),
@@ -217,7 +227,13 @@ impl Engine {
         Ok(id)
     }
 
-    fn new_block_seq(&self, bt: &BlockTransformer, id: SeqId, req: &GenRequest, mask: &[u8]) -> Seq {
+    fn new_block_seq(
+        &self,
+        bt: &BlockTransformer,
+        id: SeqId,
+        req: &GenRequest,
+        mask: &[u8],
+    ) -> Seq {
         let l = bt.cfg.block_length;
         let p = (l - req.prompt.len() % l) % l;
         let mut ids = vec![bt.cfg.pad_token_id; p];
@@ -226,7 +242,10 @@ impl Engine {
         m.extend_from_slice(mask);
         // Leading blocks without a real token are dropped (they are masked keys that never
         // influence a real output) but keep their rotary positions.
-        let dropped = m.chunks(l).take_while(|b| b.iter().all(|&x| x == 0)).count();
+        let dropped = m
+            .chunks(l)
+            .take_while(|b| b.iter().all(|&x| x == 0))
+            .count();
         let pending = ids[dropped * l..].to_vec();
         let blocks = pending.len() / l + req.max_new_tokens.div_ceil(l) + 1;
         Seq {
@@ -312,7 +331,11 @@ impl Engine {
             Arch::Block(bt) => self.step_block(bt)?,
             Arch::Vanilla(v) => self.step_vanilla(v)?,
         };
-        let finished: Vec<SeqId> = new.iter().filter(|e| e.finished.is_some()).map(|e| e.id).collect();
+        let finished: Vec<SeqId> = new
+            .iter()
+            .filter(|e| e.finished.is_some())
+            .map(|e| e.id)
+            .collect();
         self.running.retain(|s| !finished.contains(&s.id));
         events.append(&mut new);
         Ok(events)
@@ -343,9 +366,14 @@ impl Engine {
             last_rows.push((specs.iter().map(|r| r.n_new).sum::<usize>() - 1) as u32);
         }
         let n_blocks = ids.len() / l;
-        let e = bt.embedder.forward(&Tensor::from_vec(ids, (n_blocks, l), &dev)?)?;
+        let e = bt
+            .embedder
+            .forward(&Tensor::from_vec(ids, (n_blocks, l), &dev)?)?;
         let mut caches: Vec<&mut KvCache> = self.running.iter_mut().map(|s| &mut s.cache).collect();
-        let hid = bt.block_decoder.stack.forward_cached(&e, &specs, &mut caches)?;
+        let hid = bt
+            .block_decoder
+            .stack
+            .forward_cached(&e, &specs, &mut caches)?;
         let states = hid.index_select(&Tensor::new(last_rows.as_slice(), &dev)?, 0)?; // [S, D]
 
         // Tokens to decode in this block per row.
@@ -370,7 +398,11 @@ impl Engine {
         let mut td_caches: Vec<&mut KvCache> = self
             .running
             .iter_mut()
-            .map(|s| s.td_cache.as_mut().expect("block rows have a token-decoder cache"))
+            .map(|s| {
+                s.td_cache
+                    .as_mut()
+                    .expect("block rows have a token-decoder cache")
+            })
             .collect();
         let logits = td.start_block(&states, &mut td_caches, mode)?;
         let all: Vec<usize> = (0..rows).filter(|&r| want[r] > 0).collect();
@@ -513,7 +545,11 @@ impl Engine {
             let tok = s.sampler.sample(row);
             if let Some(n) = s.logprobs {
                 let (logprob, top) = sampling::logprobs(row, tok, n);
-                lps[r].push(TokenLogprob { token: tok, logprob, top });
+                lps[r].push(TokenLogprob {
+                    token: tok,
+                    logprob,
+                    top,
+                });
             }
             out[r].push(tok);
             if s.eos == Some(tok) {

@@ -84,6 +84,7 @@ impl TokenDecoder {
 
     /// A cache for one block: `R` prefix vectors and `L-1` tokens.
     pub fn new_block_cache(&self, block_length: usize) -> KvCache {
-        self.stack.new_cache(self.n_prefix + block_length.saturating_sub(1))
+        self.stack
+            .new_cache(self.n_prefix + block_length.saturating_sub(1))
     }
 }

@@ -22,7 +22,10 @@ pub fn generate(
 ) -> Result<Vec<Vec<u32>>> {
     let p = input_ids.first().map_or(0, Vec::len);
     if input_ids.iter().any(|r| r.len() != p) {
-        return Err(Error::input("input_ids", "rows must have equal length (left-pad them)"));
+        return Err(Error::input(
+            "input_ids",
+            "rows must have equal length (left-pad them)",
+        ));
     }
     let is_block = matches!(model.arch, Arch::Block(_));
     let max_new = if is_block {
@@ -37,7 +40,11 @@ pub fn generate(
         limit
     };
     let eos = eos_token_id.unwrap_or(model.config.eos_token_id());
-    let positions = if is_block { PositionMode::Official } else { PositionMode::Trained };
+    let positions = if is_block {
+        PositionMode::Official
+    } else {
+        PositionMode::Trained
+    };
     let mut engine = Engine::new(
         model.clone(),
         EngineOptions {

@@ -35,7 +35,10 @@ impl SamplingParams {
         if !self.temperature.is_finite() || self.temperature < 0.0 {
             return Err(Error::input(
                 "temperature",
-                format!("{} (expected a finite number >= 0; 0 = greedy)", self.temperature),
+                format!(
+                    "{} (expected a finite number >= 0; 0 = greedy)",
+                    self.temperature
+                ),
             ));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
@@ -74,7 +77,8 @@ impl Sampler {
             .enumerate()
             .map(|(i, &x)| (i as u32, x * inv_t))
             .collect();
-        let by_logit_desc = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+        let by_logit_desc =
+            |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
         let k = self.params.top_k;
         if k > 0 && k < cand.len() {
             cand.select_nth_unstable_by(k - 1, by_logit_desc);
@@ -125,16 +129,26 @@ pub fn argmax(xs: &[f32]) -> u32 {
 pub fn logprobs(logits: &[f32], token: u32, n: usize) -> (f32, Vec<(u32, f32)>) {
     let m = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
     let lse = m + logits.iter().map(|x| (x - m).exp()).sum::<f32>().ln();
-    let mut top: Vec<(u32, f32)> = Vec::new();
-    if n > 0 {
-        let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
-        let n = n.min(idx.len());
-        idx.select_nth_unstable_by(n - 1, |&a, &b| logits[b as usize].total_cmp(&logits[a as usize]));
-        idx.truncate(n);
-        idx.sort_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]));
-        top = idx.into_iter().map(|i| (i, logits[i as usize] - lse)).collect();
+    (logits[token as usize] - lse, top_n(logits, n, lse))
+}
+
+/// Like [`logprobs`] for a row that already holds log-probabilities.
+pub fn logprobs_from_logprobs(logp: &[f32], token: u32, n: usize) -> (f32, Vec<(u32, f32)>) {
+    (logp[token as usize], top_n(logp, n, 0.0))
+}
+
+fn top_n(x: &[f32], n: usize, shift: f32) -> Vec<(u32, f32)> {
+    if n == 0 {
+        return Vec::new();
     }
-    (logits[token as usize] - lse, top)
+    let mut idx: Vec<u32> = (0..x.len() as u32).collect();
+    let n = n.min(idx.len());
+    idx.select_nth_unstable_by(n - 1, |&a, &b| x[b as usize].total_cmp(&x[a as usize]));
+    idx.truncate(n);
+    idx.sort_by(|&a, &b| x[b as usize].total_cmp(&x[a as usize]).then(a.cmp(&b)));
+    idx.into_iter()
+        .map(|i| (i, x[i as usize] - shift))
+        .collect()
 }
 
 #[cfg(test)]
@@ -148,12 +162,18 @@ mod tests {
     #[test]
     fn greedy_is_argmax_first_max() {
         assert_eq!(argmax(&[1.0, 3.0, 3.0, 2.0]), 1);
-        assert_eq!(Sampler::new(SamplingParams::greedy()).sample(&logits()), 27); // 27 * 37 = 999
+        assert_eq!(Sampler::new(SamplingParams::greedy()).sample(&logits()), 27);
+        // 27 * 37 = 999
     }
 
     #[test]
     fn same_seed_same_tokens_other_seed_other_tokens() {
-        let p = SamplingParams { temperature: 1.0, top_k: 0, top_p: 1.0, seed: 7 };
+        let p = SamplingParams {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            seed: 7,
+        };
         let draw = |p: SamplingParams| {
             let mut s = Sampler::new(p);
             (0..50).map(|_| s.sample(&logits())).collect::<Vec<_>>()
@@ -165,14 +185,24 @@ mod tests {
     #[test]
     fn top_k_and_top_p_restrict_the_support() {
         let l = logits();
-        let mut s = Sampler::new(SamplingParams { temperature: 1.0, top_k: 3, top_p: 1.0, seed: 1 });
+        let mut s = Sampler::new(SamplingParams {
+            temperature: 1.0,
+            top_k: 3,
+            top_p: 1.0,
+            seed: 1,
+        });
         let mut top3: Vec<u32> = (0..100u32).collect();
         top3.sort_by(|&a, &b| l[b as usize].total_cmp(&l[a as usize]));
         top3.truncate(3);
         for _ in 0..200 {
             assert!(top3.contains(&s.sample(&l)));
         }
-        let mut s = Sampler::new(SamplingParams { temperature: 1.0, top_k: 0, top_p: 1e-6, seed: 1 });
+        let mut s = Sampler::new(SamplingParams {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1e-6,
+            seed: 1,
+        });
         for _ in 0..20 {
             assert_eq!(s.sample(&l), argmax(&l));
         }
@@ -180,9 +210,19 @@ mod tests {
 
     #[test]
     fn bad_params_are_rejected() {
-        let e = SamplingParams { temperature: -1.0, ..SamplingParams::greedy() }.validate().unwrap_err();
+        let e = SamplingParams {
+            temperature: -1.0,
+            ..SamplingParams::greedy()
+        }
+        .validate()
+        .unwrap_err();
         assert!(e.to_string().contains("temperature"));
-        let e = SamplingParams { top_p: 0.0, ..SamplingParams::greedy() }.validate().unwrap_err();
+        let e = SamplingParams {
+            top_p: 0.0,
+            ..SamplingParams::greedy()
+        }
+        .validate()
+        .unwrap_err();
         assert!(e.to_string().contains("top_p"));
     }
 
@@ -192,7 +232,10 @@ mod tests {
         let (lp, top) = logprobs(&l, 27, 5);
         assert_eq!(top[0].0, 27);
         assert!((top[0].1 - lp).abs() < 1e-6);
-        let total: f32 = l.iter().map(|&x| (logprobs(&l, 0, 0).0 - l[0] + x).exp()).sum();
+        let total: f32 = l
+            .iter()
+            .map(|&x| (logprobs(&l, 0, 0).0 - l[0] + x).exp())
+            .sum();
         assert!((total - 1.0).abs() < 1e-4);
     }
 }

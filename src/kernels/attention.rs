@@ -47,7 +47,10 @@ impl Rotary {
     }
 
     fn table_len(&self) -> usize {
-        self.cos.len().checked_div(self.dims / 2).unwrap_or(usize::MAX)
+        self.cos
+            .len()
+            .checked_div(self.dims / 2)
+            .unwrap_or(usize::MAX)
     }
 
     /// Rotates the first `dims` entries of a head vector in place (`x*cos + rotate_half(x)*sin`).
@@ -155,6 +158,12 @@ struct OutPtr(*mut f32);
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
+impl OutPtr {
+    fn get(&self) -> *mut f32 {
+        self.0
+    }
+}
+
 struct Task<'a> {
     spec: RowSpec,
     /// Cache length before this call.
@@ -222,7 +231,6 @@ pub fn cached_attention(
     let out_ptr = OutPtr(out.as_mut_ptr());
     let scale = 1.0 / (head_dim as f32).sqrt();
     tasks.into_par_iter().for_each(|t| {
-        let out_ptr = out_ptr;
         let mut q = [0f32; MAX_HEAD_DIM];
         let q = &mut q[..head_dim];
         for i in 0..t.spec.n_new {
@@ -239,9 +247,18 @@ pub fn cached_attention(
                 .copy_from_slice(&qkv[base + 2 * head_dim..base + 3 * head_dim]);
             // SAFETY: slot (g, head) is written by this task only; `out` outlives the loop.
             let o = unsafe {
-                std::slice::from_raw_parts_mut(out_ptr.0.add(g * w + t.head * head_dim), head_dim)
+                std::slice::from_raw_parts_mut(
+                    out_ptr.get().add(g * w + t.head * head_dim),
+                    head_dim,
+                )
             };
-            attend_online(q, &t.k[..(slot + 1) * head_dim], &t.v[..(slot + 1) * head_dim], scale, o);
+            attend_online(
+                q,
+                &t.k[..(slot + 1) * head_dim],
+                &t.v[..(slot + 1) * head_dim],
+                scale,
+                o,
+            );
         }
     });
 }
@@ -356,7 +373,16 @@ mod tests {
         let mut c0 = KvCache::new(1, heads, hd, 8);
         let mut c1 = KvCache::new(1, heads, hd, 8);
         let mut out = vec![0.0; 7 * w];
-        cached_attention(&qkv, &mut out, &rows, &mut [&mut c0, &mut c1], 0, &rot, heads, hd);
+        cached_attention(
+            &qkv,
+            &mut out,
+            &rows,
+            &mut [&mut c0, &mut c1],
+            0,
+            &rot,
+            heads,
+            hd,
+        );
         for (r, (spec, range)) in [(rows[0], 0..5), (rows[1], 5..7)].into_iter().enumerate() {
             let mut c = KvCache::new(1, heads, hd, 8);
             let mut o = vec![0.0; spec.n_new * w];

@@ -110,7 +110,10 @@ impl BlockTransformer {
         if l != self.cfg.block_length {
             return Err(Error::input(
                 "block_length",
-                format!("batch has blocks of {l} tokens, the model {}", self.cfg.block_length),
+                format!(
+                    "batch has blocks of {l} tokens, the model {}",
+                    self.cfg.block_length
+                ),
             ));
         }
         if n < 2 {
@@ -120,10 +123,16 @@ impl BlockTransformer {
             ));
         }
         if x.input_ids.len() != b * n * l || x.attention_mask.len() != b * n * l {
-            return Err(Error::input("input_ids", "length differs from batch x blocks x L"));
+            return Err(Error::input(
+                "input_ids",
+                "length differs from batch x blocks x L",
+            ));
         }
         if x.block_mask.len() != b * n {
-            return Err(Error::input("block_mask", "length differs from batch x blocks"));
+            return Err(Error::input(
+                "block_mask",
+                "length differs from batch x blocks",
+            ));
         }
         let v = self.cfg.vocab_size();
         if let Some(bad) = x.input_ids.iter().find(|&&t| t as usize >= v) {
@@ -199,7 +208,11 @@ impl BlockTransformer {
             key_mask.extend_from_slice(&x.attention_mask[base..base + l - 1]);
             for j in 0..l {
                 let (id, m) = (x.input_ids[base + j], x.attention_mask[base + j]);
-                let label = x.labels.as_ref().map(|lab| lab[base + j]).unwrap_or(id as i64);
+                let label = x
+                    .labels
+                    .as_ref()
+                    .map(|lab| lab[base + j])
+                    .unwrap_or(id as i64);
                 content.push((id != pad || m == 1, label));
             }
         }
@@ -228,7 +241,11 @@ impl BlockTransformer {
             let (ce, correct) = cross_entropy(&logits, &labels)?; // [C], -100 -> 0
             out.loss = Some(ce.mean_all()?);
             let ce_host: Vec<f32> = ce.to_vec1()?;
-            for ((&i, &c), (&lab, ok)) in keep_pos.iter().zip(&ce_host).zip(labels.iter().zip(correct)) {
+            for ((&i, &c), (&lab, ok)) in keep_pos
+                .iter()
+                .zip(&ce_host)
+                .zip(labels.iter().zip(correct))
+            {
                 let j = i as usize % l;
                 out.loss_sum_by_position[j] += c as f64;
                 out.count_by_position[j] += 1;
@@ -242,14 +259,22 @@ impl BlockTransformer {
             let mask: Vec<f32> = content.iter().map(|c| c.0 as u8 as f32).collect();
             let mask = Tensor::from_vec(mask, (k, l, 1), &dev)?;
             let logits = self.token_decoder.logits(&hid)?.broadcast_mul(&mask)?; // [K, L, V]
-            let kept_t = Tensor::new(kept.iter().map(|&t| t as u32).collect::<Vec<_>>().as_slice(), &dev)?;
-            let full = Tensor::zeros((b * (n - 1), l, v), DType::F32, &dev)?.index_add(&kept_t, &logits, 0)?;
+            let kept_t = Tensor::new(
+                kept.iter()
+                    .map(|&t| t as u32)
+                    .collect::<Vec<_>>()
+                    .as_slice(),
+                &dev,
+            )?;
+            let full = Tensor::zeros((b * (n - 1), l, v), DType::F32, &dev)?
+                .index_add(&kept_t, &logits, 0)?;
             // Skipped (padding) target blocks hold the numeric value of the EOS id.
             let mut skipped = vec![1f32; b * (n - 1)];
             for &t in &kept {
                 skipped[t] = 0.0;
             }
-            let fill = (Tensor::from_vec(skipped, (b * (n - 1), 1, 1), &dev)? * self.cfg.eos_token_id as f64)?;
+            let fill = (Tensor::from_vec(skipped, (b * (n - 1), 1, 1), &dev)?
+                * self.cfg.eos_token_id as f64)?;
             out.logits = Some(full.broadcast_add(&fill)?.reshape((b, n - 1, l, v))?);
         }
         Ok(out)

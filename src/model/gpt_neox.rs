@@ -39,8 +39,11 @@ impl Linear {
         bias: bool,
         std: f64,
     ) -> Result<Self> {
-        let weight_t =
-            src.tensor_t(&format!("{name}.weight"), &[out_dim, in_dim], Init::Normal(std))?;
+        let weight_t = src.tensor_t(
+            &format!("{name}.weight"),
+            &[out_dim, in_dim],
+            Init::Normal(std),
+        )?;
         let bias = if bias {
             Some(src.tensor(&format!("{name}.bias"), &[out_dim], Init::Zeros)?)
         } else {
@@ -320,7 +323,12 @@ impl NeoX {
 
 /// Additive attention bias `[B, 1, T, T]` with Hugging Face's arithmetic: causal entries get
 /// `finfo.min`, padded keys add another `finfo.min` (so a future padded key is `-inf`).
-pub fn attention_bias(b: usize, t: usize, key_mask: Option<&Tensor>, dev: &Device) -> Result<Tensor> {
+pub fn attention_bias(
+    b: usize,
+    t: usize,
+    key_mask: Option<&Tensor>,
+    dev: &Device,
+) -> Result<Tensor> {
     let min = f32::MIN;
     let mask: Option<Vec<f32>> = match key_mask {
         Some(m) => Some(m.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?),

@@ -99,6 +99,7 @@ impl WeightSource for Recorder<'_> {
 
 /// The two model kinds.
 #[derive(Clone, Debug)]
+#[allow(clippy::large_enum_variant)]
 pub enum Arch {
     Block(BlockTransformer),
     Vanilla(Vanilla),

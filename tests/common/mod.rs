@@ -22,7 +22,11 @@ pub fn fixture_dirs() -> Vec<PathBuf> {
         .filter(|p| p.join("fixture.json").exists())
         .collect();
     dirs.sort();
-    assert!(!dirs.is_empty(), "no fixture folders under {}", root.display());
+    assert!(
+        !dirs.is_empty(),
+        "no fixture folders under {}",
+        root.display()
+    );
     dirs
 }
 
@@ -35,7 +39,8 @@ pub struct Fixture {
 impl Fixture {
     pub fn load(dir: &Path) -> Fixture {
         let json: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(dir.join("fixture.json")).unwrap()).unwrap();
+            serde_json::from_str(&std::fs::read_to_string(dir.join("fixture.json")).unwrap())
+                .unwrap();
         Fixture {
             dir: dir.to_path_buf(),
             json,
@@ -48,7 +53,10 @@ impl Fixture {
     }
 
     pub fn is_block(&self) -> bool {
-        self.json.get("official_config_vocabulary").and_then(|v| v.get("block_length")).is_some()
+        self.json
+            .get("official_config_vocabulary")
+            .and_then(|v| v.get("block_length"))
+            .is_some()
     }
 
     /// The architecture: the official YAML vocabulary for block models, `config.json` for
@@ -63,12 +71,22 @@ impl Fixture {
     }
 
     pub fn model(&self) -> Model {
-        let file = blockformer::checkpoint::SafetensorsFile::open(&self.dir.join("model.safetensors")).unwrap();
-        blockformer::checkpoint::load_weights(&file, &self.config(), "fixture", &candle_core::Device::Cpu).unwrap()
+        let file =
+            blockformer::checkpoint::SafetensorsFile::open(&self.dir.join("model.safetensors"))
+                .unwrap();
+        blockformer::checkpoint::load_weights(
+            &file,
+            &self.config(),
+            "fixture",
+            &candle_core::Device::Cpu,
+        )
+        .unwrap()
     }
 
     pub fn arr(&self, name: &str) -> &Array {
-        self.io.get(name).unwrap_or_else(|| panic!("{}: io tensor {name} missing", self.name()))
+        self.io
+            .get(name)
+            .unwrap_or_else(|| panic!("{}: io tensor {name} missing", self.name()))
     }
 }
 
@@ -84,7 +102,10 @@ impl Array {
     where
         T::Error: std::fmt::Debug,
     {
-        self.data.iter().map(|&x| T::try_from(x as i64).unwrap()).collect()
+        self.data
+            .iter()
+            .map(|&x| T::try_from(x as i64).unwrap())
+            .collect()
     }
     pub fn f32s(&self) -> Vec<f32> {
         self.data.iter().map(|&x| x as f32).collect()
@@ -100,12 +121,27 @@ pub fn read_arrays(path: &Path) -> HashMap<String, Array> {
             use safetensors::Dtype;
             let d = view.data();
             let data: Vec<f64> = match view.dtype() {
-                Dtype::F32 => d.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64).collect(),
-                Dtype::F64 => d.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap())).collect(),
-                Dtype::I64 => d.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f64).collect(),
+                Dtype::F32 => d
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64)
+                    .collect(),
+                Dtype::F64 => d
+                    .chunks_exact(8)
+                    .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
+                    .collect(),
+                Dtype::I64 => d
+                    .chunks_exact(8)
+                    .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f64)
+                    .collect(),
                 other => panic!("{name}: dtype {other:?}"),
             };
-            (name, Array { shape: view.shape().to_vec(), data })
+            (
+                name,
+                Array {
+                    shape: view.shape().to_vec(),
+                    data,
+                },
+            )
         })
         .collect()
 }
@@ -115,7 +151,13 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "length");
     a.iter()
         .zip(b)
-        .map(|(x, y)| if x.is_nan() && y.is_nan() { 0.0 } else { (x - y).abs() })
+        .map(|(x, y)| {
+            if x.is_nan() && y.is_nan() {
+                0.0
+            } else {
+                (x - y).abs()
+            }
+        })
         .fold(0.0, f32::max)
 }
 
@@ -123,6 +165,12 @@ pub fn ids_2d(v: &serde_json::Value) -> Vec<Vec<u32>> {
     v.as_array()
         .unwrap()
         .iter()
-        .map(|r| r.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect())
+        .map(|r| {
+            r.as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_u64().unwrap() as u32)
+                .collect()
+        })
         .collect()
 }
