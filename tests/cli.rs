@@ -1,0 +1,192 @@
+//! The command line, run as a user would.
+
+mod common;
+
+use common::*;
+use std::path::Path;
+use std::process::Command;
+
+fn bf(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_blockformer"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A model folder (config.json + model.safetensors + tokenizer.json) made from the block fixture.
+fn model_dir(dir: &Path) -> String {
+    let fx = Fixture::load(&fixture_root().join("block_b4"));
+    let corpus = dir.join("corpus.txt");
+    std::fs::write(
+        &corpus,
+        "the quick brown fox jumps over the lazy dog\n".repeat(40),
+    )
+    .unwrap();
+    let tok = dir.join("tok.json");
+    blockformer::tokenizer::Tokenizer::train_bpe(&[corpus], 300, &tok).unwrap();
+    let out = dir.join("model");
+    blockformer::checkpoint::save(&fx.model(), &out, Some(&tok)).unwrap();
+    out.display().to_string()
+}
+
+#[test]
+fn info_prints_parameter_counts() {
+    let (ok, out, _) = bf(&["info", "--preset", "block_main_b4_85"]);
+    assert!(
+        ok && out.contains("86.24M") && out.contains("211.80M"),
+        "{out}"
+    );
+    let (ok, out, _) = bf(&["info", "--preset", "vanilla_410", "--json"]);
+    assert!(ok, "{out}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["non_embedding_params"], 302_311_424);
+    let (ok, _, err) = bf(&["info", "--preset", "block_main_b4_7"]);
+    assert!(
+        !ok && err.contains("unknown preset") && err.contains("block_main_b4_85"),
+        "{err}"
+    );
+}
+
+#[test]
+fn generate_ids_text_and_official_compat() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = model_dir(dir.path());
+    let (ok, out, err) = bf(&[
+        "generate",
+        "--model",
+        &m,
+        "--ids",
+        "1 2 3",
+        "--max-new-tokens",
+        "5",
+        "--ignore-eos",
+    ]);
+    assert!(ok, "{err}");
+    let ids: Vec<u32> = out.split_whitespace().map(|t| t.parse().unwrap()).collect();
+    assert_eq!(ids.len(), 8, "{out}");
+    assert_eq!(&ids[..3], &[1, 2, 3]);
+    assert!(err.contains("tokens/s"), "{err}");
+
+    let (ok, out, err) = bf(&[
+        "generate",
+        "--model",
+        &m,
+        "--prompt",
+        "the quick",
+        "--max-new-tokens",
+        "6",
+        "--temperature",
+        "0.8",
+        "--seed",
+        "3",
+    ]);
+    assert!(ok && out.starts_with("the quick"), "{out} {err}");
+    let (_, again, _) = bf(&[
+        "generate",
+        "--model",
+        &m,
+        "--prompt",
+        "the quick",
+        "--max-new-tokens",
+        "6",
+        "--temperature",
+        "0.8",
+        "--seed",
+        "3",
+    ]);
+    assert_eq!(out, again, "same seed, same text");
+
+    // Several prompts: one line per row.
+    let (ok, out, err) = bf(&[
+        "generate",
+        "--model",
+        &m,
+        "--ids",
+        "1 2",
+        "3 4 5",
+        "--max-new-tokens",
+        "4",
+        "--batch-size",
+        "2",
+    ]);
+    assert!(
+        ok && out.lines().count() == 2 && out.contains("[0] 1 2") && out.contains("[1] 3 4 5"),
+        "{out} {err}"
+    );
+
+    // --compat official reproduces the official generate of the fixture.
+    let fx = Fixture::load(&fixture_root().join("block_b4"));
+    let case = fx.json["generation"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["case"] == "aligned_no_mask")
+        .unwrap();
+    let input: Vec<String> = case["input_ids"][0]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.to_string())
+        .collect();
+    let want: Vec<String> = case["output_ids"][0]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.to_string())
+        .collect();
+    let new = (want.len() - input.len()).to_string();
+    let (ok, out, err) = bf(&[
+        "generate",
+        "--model",
+        &m,
+        "--ids",
+        &input.join(" "),
+        "--max-new-tokens",
+        &new,
+        "--compat",
+        "official",
+    ]);
+    assert!(ok, "{err}");
+    assert_eq!(out.split_whitespace().collect::<Vec<_>>(), want);
+}
+
+#[test]
+fn bad_flags_and_inputs_give_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = model_dir(dir.path());
+    let cases: &[(&[&str], &str)] = &[
+        (&["--ids", "1 x"], "--ids: `x` is not a token id"),
+        (&["--ids", "1 99999"], "out of the vocabulary"),
+        (&["--ids", ""], "empty prompt"),
+        (&["--ids", "1", "--temperature", "-1"], "temperature"),
+        (&["--ids", "1", "--top-p", "0"], "top_p"),
+        (&["--ids", "1", "--device", "cuda"], "without CUDA support"),
+        (&["--ids", "1", "--batch-size", "0"], "--batch-size"),
+        (&[], "nothing to generate from"),
+    ];
+    for (extra, want) in cases {
+        let mut args = vec!["generate", "--model", &m];
+        args.extend_from_slice(extra);
+        let (ok, _, err) = bf(&args);
+        assert!(
+            !ok && err.contains(want),
+            "{extra:?}: expected `{want}` in `{err}`"
+        );
+        assert!(!err.contains("panicked"), "{err}");
+    }
+    let long = vec!["7"; 2049].join(" ");
+    let (ok, _, err) = bf(&["generate", "--model", &m, "--ids", &long]);
+    assert!(
+        !ok && err.contains("longer than the model's context"),
+        "{err}"
+    );
+    let (ok, _, err) = bf(&["generate", "--model", "/nonexistent", "--ids", "1"]);
+    assert!(!ok && err.contains("/nonexistent"), "{err}");
+    let (ok, _, err) = bf(&["generate", "--preset", "block_main_b4_5", "--prompt", "hi"]);
+    assert!(!ok && err.contains("needs a tokenizer"), "{err}");
+}

@@ -1,0 +1,303 @@
+//! The generation engine: consistency with the official forward over many blocks, batch
+//! invariance, mixed prompt lengths, rows joining and leaving, exact lengths, EOS, sampling
+//! determinism, and bad requests.
+
+mod common;
+
+use blockformer::generate::{
+    Engine, EngineOptions, FinishReason, GenRequest, PositionMode, SamplingParams,
+};
+use blockformer::model::block_transformer::{BlockBatch, ForwardOptions};
+use blockformer::model::{Arch, Model};
+use candle_core::D;
+use common::*;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+fn models() -> Vec<(String, Arc<Model>)> {
+    fixture_dirs()
+        .iter()
+        .map(|d| {
+            let fx = Fixture::load(d);
+            (fx.name(), Arc::new(fx.model()))
+        })
+        .collect()
+}
+
+fn prompt(len: usize, salt: u32) -> Vec<u32> {
+    (0..len as u32)
+        .map(|i| (i * 31 + salt * 17 + 5) % 300)
+        .collect()
+}
+
+/// Runs requests through one engine; returns (tokens, finish reason) per request.
+fn run(model: &Arc<Model>, reqs: &[GenRequest], max_batch: usize) -> Vec<(Vec<u32>, FinishReason)> {
+    let mut e = Engine::new(
+        model.clone(),
+        EngineOptions {
+            positions: PositionMode::Trained,
+            max_batch,
+        },
+    );
+    let ids: Vec<u64> = reqs.iter().map(|r| e.add(r.clone()).unwrap()).collect();
+    let mut out: HashMap<u64, (Vec<u32>, Option<FinishReason>)> = HashMap::new();
+    for ev in e.run_to_completion().unwrap() {
+        let o = out.entry(ev.id).or_default();
+        assert!(o.1.is_none(), "event after finish");
+        o.0.extend(ev.tokens);
+        o.1 = ev.finished;
+    }
+    ids.iter()
+        .map(|i| {
+            let (t, f) = out.remove(i).unwrap();
+            (t, f.expect("finished"))
+        })
+        .collect()
+}
+
+fn sampled(p: Vec<u32>, n: usize, seed: u64) -> GenRequest {
+    GenRequest {
+        sampling: SamplingParams {
+            temperature: 1.0,
+            top_k: 50,
+            top_p: 0.9,
+            seed,
+        },
+        ..GenRequest::greedy(p, n)
+    }
+}
+
+#[test]
+fn greedy_generation_equals_argmax_of_the_official_forward() {
+    for (name, model) in models() {
+        let p = prompt(7, 1);
+        let (gen, _) = run(&model, &[GenRequest::greedy(p.clone(), 21)], 1).remove(0);
+        assert_eq!(gen.len(), 21);
+        let mut seq = p.clone();
+        seq.extend(&gen);
+        match &model.arch {
+            Arch::Block(bt) => {
+                // The engine left-pads to a block boundary, exactly like this batch.
+                let l = bt.cfg.block_length;
+                let pad = (l - p.len() % l) % l;
+                let mut ids = vec![0u32; pad];
+                ids.extend(&seq);
+                let mut mask = vec![0u8; pad];
+                mask.extend(vec![1u8; seq.len()]);
+                while !ids.len().is_multiple_of(l) {
+                    ids.push(0);
+                    mask.push(0);
+                }
+                let n = ids.len() / l;
+                let batch = BlockBatch {
+                    batch: 1,
+                    n_blocks: n,
+                    block_length: l,
+                    block_mask: mask.chunks(l).map(|b| b.contains(&1) as u8).collect(),
+                    input_ids: ids,
+                    attention_mask: mask,
+                    labels: None,
+                };
+                let logits = bt
+                    .forward(
+                        &batch,
+                        ForwardOptions {
+                            skip_padding_blocks: false,
+                            want_logits: true,
+                        },
+                    )
+                    .unwrap()
+                    .logits
+                    .unwrap();
+                let argmax: Vec<u32> = logits
+                    .argmax(D::Minus1)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                for (i, &t) in gen.iter().enumerate() {
+                    let q = pad + p.len() + i; // padded position of generated token i
+                    assert_eq!(argmax[q - l], t, "{name}: token {i}");
+                }
+            }
+            Arch::Vanilla(v) => {
+                let out = v.forward(&seq, 1, seq.len(), None, None).unwrap();
+                let argmax: Vec<u32> = out
+                    .logits
+                    .argmax(D::Minus1)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                for (i, &t) in gen.iter().enumerate() {
+                    assert_eq!(argmax[p.len() + i - 1], t, "{name}: token {i}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn outputs_do_not_depend_on_the_batch() {
+    for (name, model) in models() {
+        let reqs: Vec<GenRequest> = [1usize, 4, 5, 8, 13, 2]
+            .iter()
+            .enumerate()
+            .map(|(i, &len)| {
+                if i % 2 == 0 {
+                    GenRequest::greedy(prompt(len, i as u32), 10 + i)
+                } else {
+                    sampled(prompt(len, i as u32), 10 + i, 40 + i as u64)
+                }
+            })
+            .collect();
+        let alone: Vec<_> = reqs
+            .iter()
+            .map(|r| run(&model, std::slice::from_ref(r), 1).remove(0))
+            .collect();
+        for max_batch in [2, 3, 6] {
+            let together = run(&model, &reqs, max_batch);
+            assert_eq!(together, alone, "{name}: max_batch {max_batch}");
+        }
+    }
+}
+
+#[test]
+fn max_new_tokens_is_honoured_exactly() {
+    for (name, model) in models() {
+        let reqs: Vec<GenRequest> = (0..10)
+            .map(|n| GenRequest::greedy(prompt(3 + n % 4, 2), n))
+            .collect();
+        for (n, (toks, fin)) in run(&model, &reqs, 4).into_iter().enumerate() {
+            assert_eq!(toks.len(), n, "{name}: max_new_tokens {n}");
+            assert_eq!(fin, FinishReason::Length);
+        }
+    }
+}
+
+#[test]
+fn eos_ends_a_row_and_others_go_on() {
+    for (name, model) in models() {
+        let p = prompt(6, 3);
+        let (free, _) = run(&model, &[GenRequest::greedy(p.clone(), 12)], 1).remove(0);
+        let eos = free[6]; // stop at the 7th generated token (first occurrence may be earlier)
+        let first = free.iter().position(|&t| t == eos).unwrap();
+        let reqs = [
+            GenRequest {
+                eos_token_id: Some(eos),
+                ..GenRequest::greedy(p.clone(), 12)
+            },
+            GenRequest::greedy(prompt(9, 4), 12),
+        ];
+        let out = run(&model, &reqs, 2);
+        assert_eq!(
+            out[0],
+            (free[..first].to_vec(), FinishReason::Eos),
+            "{name}"
+        );
+        assert_eq!(out[1].0.len(), 12, "{name}: the other row continues");
+    }
+}
+
+#[test]
+fn same_seed_same_text_other_seed_other_text() {
+    for (name, model) in models() {
+        let a = run(&model, &[sampled(prompt(5, 1), 24, 7)], 1);
+        let b = run(&model, &[sampled(prompt(5, 1), 24, 7)], 1);
+        let c = run(&model, &[sampled(prompt(5, 1), 24, 8)], 1);
+        assert_eq!(a, b, "{name}");
+        assert_ne!(a, c, "{name}");
+    }
+}
+
+#[test]
+fn rows_join_mid_run_and_cancelled_rows_leave() {
+    for (name, model) in models() {
+        let a = GenRequest::greedy(prompt(6, 5), 64);
+        let b = GenRequest::greedy(prompt(3, 6), 9);
+        let alone_b = run(&model, std::slice::from_ref(&b), 1).remove(0).0;
+        let mut e = Engine::new(model.clone(), EngineOptions::default());
+        let ia = e.add(a).unwrap();
+        e.step().unwrap();
+        e.step().unwrap();
+        let ib = e.add(b).unwrap();
+        let mut got_b = Vec::new();
+        let mut a_cancelled = false;
+        while !e.is_idle() {
+            for ev in e.step().unwrap() {
+                if ev.id == ib {
+                    got_b.extend(ev.tokens);
+                    if ev.finished.is_some() && !a_cancelled {
+                        assert!(e.cancel(ia));
+                        a_cancelled = true;
+                    }
+                } else if ev.finished == Some(FinishReason::Cancelled) {
+                    assert_eq!(ev.id, ia);
+                }
+            }
+        }
+        assert_eq!(got_b, alone_b, "{name}: joined row");
+        assert!(a_cancelled && !e.cancel(ia), "{name}");
+        assert_eq!(e.kv_cache_bytes(), 0);
+    }
+}
+
+#[test]
+fn bad_requests_are_rejected_with_the_field_named() {
+    let (_, model) = models().remove(0);
+    let vocab = model.config.vocab_size() as u32;
+    let ctx = model.config.context_length();
+    let mut e = Engine::new(model, EngineOptions::default());
+    let cases: Vec<(GenRequest, &str)> = vec![
+        (GenRequest::greedy(vec![], 4), "empty prompt"),
+        (
+            GenRequest::greedy(vec![1, vocab], 4),
+            "out of the vocabulary",
+        ),
+        (
+            GenRequest::greedy(vec![1; ctx + 1], 4),
+            "longer than the model's context",
+        ),
+        (
+            GenRequest {
+                prompt_mask: Some(vec![1]),
+                ..GenRequest::greedy(vec![1, 2], 4)
+            },
+            "attention_mask",
+        ),
+        (
+            GenRequest {
+                prompt_mask: Some(vec![1, 0]),
+                ..GenRequest::greedy(vec![1, 2], 4)
+            },
+            "only left padding",
+        ),
+        (
+            GenRequest {
+                sampling: SamplingParams {
+                    temperature: f32::NAN,
+                    ..SamplingParams::greedy()
+                },
+                ..GenRequest::greedy(vec![1], 4)
+            },
+            "temperature",
+        ),
+        (
+            GenRequest {
+                sampling: SamplingParams {
+                    top_p: 1.5,
+                    ..SamplingParams::greedy()
+                },
+                ..GenRequest::greedy(vec![1], 4)
+            },
+            "top_p",
+        ),
+    ];
+    for (req, want) in cases {
+        let err = e.add(req).unwrap_err().to_string();
+        assert!(err.contains(want), "expected `{want}` in `{err}`");
+    }
+    assert!(e.is_idle());
+}
