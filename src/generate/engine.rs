@@ -10,6 +10,7 @@ use crate::model::{Arch, BlockTransformer, Model, Vanilla};
 use candle_core::Tensor;
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::time::Instant;
 
 pub type SeqId = u64;
 
@@ -110,10 +111,31 @@ struct Seq {
     official_max_len: usize,
 }
 
+/// Where the engine's time went (seconds, wall clock), for benchmarks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize)]
+pub struct EngineStats {
+    /// Block models: embedding new blocks.
+    pub embedder_s: f64,
+    /// Block models: the block decoder; vanilla models: the decoder stack.
+    pub block_decoder_s: f64,
+    /// Block models: the token decoder (layers, expansion, LM head).
+    pub token_decoder_s: f64,
+    /// Vanilla models: the LM head.
+    pub lm_head_s: f64,
+    /// Turning logits into tokens (host copy, sampling, logprobs).
+    pub sampling_s: f64,
+    /// Steps that prefilled at least one prompt, and the other steps.
+    pub prefill_s: f64,
+    pub decode_s: f64,
+    pub steps: usize,
+    pub tokens: usize,
+}
+
 /// The batched decoding engine.
 pub struct Engine {
     model: Arc<Model>,
     opts: EngineOptions,
+    stats: EngineStats,
     running: Vec<Seq>,
     waiting: VecDeque<Seq>,
     events: Vec<StepEvent>,
@@ -132,7 +154,17 @@ impl Engine {
             waiting: VecDeque::new(),
             events: Vec::new(),
             next_id: 0,
+            stats: EngineStats::default(),
         }
+    }
+
+    /// Time spent so far, by part.
+    pub fn stats(&self) -> EngineStats {
+        self.stats
+    }
+
+    pub fn reset_stats(&mut self) {
+        self.stats = EngineStats::default();
     }
 
     pub fn model(&self) -> &Arc<Model> {
@@ -327,10 +359,20 @@ impl Engine {
             return Ok(events);
         }
         let model = self.model.clone();
+        let start = Instant::now();
+        let prefill = self.running.iter().any(|s| s.cache.len == 0);
         let mut new = match &model.arch {
             Arch::Block(bt) => self.step_block(bt)?,
             Arch::Vanilla(v) => self.step_vanilla(v)?,
         };
+        let dt = start.elapsed().as_secs_f64();
+        if prefill {
+            self.stats.prefill_s += dt;
+        } else {
+            self.stats.decode_s += dt;
+        }
+        self.stats.steps += 1;
+        self.stats.tokens += new.iter().map(|e| e.tokens.len()).sum::<usize>();
         let finished: Vec<SeqId> = new
             .iter()
             .filter(|e| e.finished.is_some())
@@ -366,15 +408,21 @@ impl Engine {
             last_rows.push((specs.iter().map(|r| r.n_new).sum::<usize>() - 1) as u32);
         }
         let n_blocks = ids.len() / l;
+        let t = Instant::now();
         let e = bt
             .embedder
             .forward(&Tensor::from_vec(ids, (n_blocks, l), &dev)?)?;
+        self.stats.embedder_s += t.elapsed().as_secs_f64();
+        let t = Instant::now();
         let mut caches: Vec<&mut KvCache> = self.running.iter_mut().map(|s| &mut s.cache).collect();
         let hid = bt
             .block_decoder
             .stack
             .forward_cached(&e, &specs, &mut caches)?;
         let states = hid.index_select(&Tensor::new(last_rows.as_slice(), &dev)?, 0)?; // [S, D]
+        self.stats.block_decoder_s += t.elapsed().as_secs_f64();
+        let t_td = Instant::now();
+        let sampling_before = self.stats.sampling_s;
 
         // Tokens to decode in this block per row.
         let want: Vec<usize> = self
@@ -424,6 +472,9 @@ impl Engine {
             let logits = td.continue_block(&tokens, k, &mut sub, mode)?;
             self.pick(&logits, &active, &mut blocks, &mut lps, &mut hit_eos)?;
         }
+
+        self.stats.token_decoder_s +=
+            t_td.elapsed().as_secs_f64() - (self.stats.sampling_s - sampling_before);
 
         // Assemble each row's block and decide who is finished.
         let produced = blocks.iter().map(Vec::len).max().unwrap_or(0);
@@ -493,11 +544,17 @@ impl Engine {
             last_rows.push((ids.len() - 1) as u32);
         }
         let n = ids.len();
+        let t = Instant::now();
         let x = v.embed_in.embedding(&Tensor::from_vec(ids, n, &dev)?)?;
+        self.stats.embedder_s += t.elapsed().as_secs_f64();
+        let t = Instant::now();
         let mut caches: Vec<&mut KvCache> = self.running.iter_mut().map(|s| &mut s.cache).collect();
         let hid = v.stack.forward_cached(&x, &specs, &mut caches)?;
         let last = hid.index_select(&Tensor::new(last_rows.as_slice(), &dev)?, 0)?;
+        self.stats.block_decoder_s += t.elapsed().as_secs_f64();
+        let t = Instant::now();
         let logits = v.embed_out.forward(&last)?;
+        self.stats.lm_head_s += t.elapsed().as_secs_f64();
         let rows = self.running.len();
         let mut toks: Vec<Vec<u32>> = vec![Vec::new(); rows];
         let mut lps: Vec<Vec<TokenLogprob>> = vec![Vec::new(); rows];
@@ -537,6 +594,7 @@ impl Engine {
         if rows.is_empty() {
             return Ok(());
         }
+        let t = Instant::now();
         let v = logits.dim(1)?;
         let host: Vec<f32> = logits.flatten_all()?.to_vec1()?;
         for (i, &r) in rows.iter().enumerate() {
@@ -556,6 +614,7 @@ impl Engine {
                 hit_eos[r] = true;
             }
         }
+        self.stats.sampling_s += t.elapsed().as_secs_f64();
         Ok(())
     }
 }

@@ -15,7 +15,9 @@ mod engine;
 pub mod official;
 pub mod sampling;
 
-pub use engine::{Engine, EngineOptions, FinishReason, GenRequest, SeqId, StepEvent, TokenLogprob};
+pub use engine::{
+    Engine, EngineOptions, EngineStats, FinishReason, GenRequest, SeqId, StepEvent, TokenLogprob,
+};
 pub use sampling::{Sampler, SamplingParams};
 
 use crate::error::Result;

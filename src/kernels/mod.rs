@@ -2,3 +2,4 @@
 //! comparing the two.
 
 pub mod attention;
+pub mod matmul;

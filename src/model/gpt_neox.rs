@@ -20,6 +20,7 @@ use super::{Init, WeightSource};
 use crate::config::NeoXConfig;
 use crate::error::Result;
 use crate::kernels::attention::{self, KvCache, Rotary, RowSpec};
+use crate::kernels::matmul;
 use candle_core::{DType, Device, Tensor, D};
 
 /// Dense layer `y = x W^T + b`; the weight is held as `W^T` (`[in, out]`, contiguous).
@@ -52,19 +53,53 @@ impl Linear {
         Ok(Linear { weight_t, bias })
     }
 
-    /// `x [.., in] -> [.., out]`, flattened to one matmul.
+    /// `x [.., in] -> [.., out]`, flattened to one matmul. Inference on the CPU with few rows
+    /// (decoding) takes the skinny kernel, which streams the weights at memory speed.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let in_dim = *dims.last().expect("rank >= 1");
+        let out_dim = self.weight_t.dim(1)?;
         let rows = x.elem_count() / in_dim;
-        let y = x.reshape((rows, in_dim))?.matmul(&self.weight_t)?;
-        let y = match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
+        let y = match self.skinny(x, rows, in_dim, out_dim)? {
+            Some(y) => y,
+            None => {
+                let y = x.reshape((rows, in_dim))?.matmul(&self.weight_t)?;
+                match &self.bias {
+                    Some(b) => y.broadcast_add(b)?,
+                    None => y,
+                }
+            }
         };
         let mut out_dims = dims;
-        *out_dims.last_mut().expect("rank >= 1") = self.weight_t.dim(1)?;
+        *out_dims.last_mut().expect("rank >= 1") = out_dim;
         Ok(y.reshape(out_dims)?)
+    }
+
+    fn skinny(&self, x: &Tensor, rows: usize, k: usize, n: usize) -> Result<Option<Tensor>> {
+        if rows > matmul::SKINNY_MAX_ROWS
+            || !x.device().is_cpu()
+            || self.weight_t.is_variable()
+            || x.track_op()
+            || x.dtype() != DType::F32
+        {
+            return Ok(None);
+        }
+        let xv: Vec<f32> = x.flatten_all()?.to_vec1()?;
+        let (w_storage, w_layout) = self.weight_t.storage_and_layout();
+        let candle_core::Storage::Cpu(w_cpu) = &*w_storage else {
+            return Ok(None);
+        };
+        let Some((w0, w1)) = w_layout.contiguous_offsets() else {
+            return Ok(None);
+        };
+        let w = &w_cpu.as_slice::<f32>()?[w0..w1];
+        let bias: Option<Vec<f32>> = match &self.bias {
+            Some(b) => Some(b.to_vec1()?),
+            None => None,
+        };
+        let mut y = vec![0f32; rows * n];
+        matmul::matmul_skinny(&xv, w, bias.as_deref(), rows, k, n, &mut y);
+        Ok(Some(Tensor::from_vec(y, (rows, n), x.device())?))
     }
 }
 

@@ -74,6 +74,13 @@ impl WeightSource for RandomInit {
         };
         Ok(Tensor::from_vec(data, shape, &self.device)?)
     }
+
+    fn tensor_t(&mut self, name: &str, shape: &[usize], init: Init) -> Result<Tensor> {
+        // The initialisers are symmetric: draw straight into the transposed layout.
+        let out = shape[0];
+        let inn = shape.iter().product::<usize>() / out;
+        self.tensor(name, &[inn, out], init)
+    }
 }
 
 /// Wraps a source and remembers every parameter it handed out, in order.

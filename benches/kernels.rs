@@ -1,0 +1,52 @@
+//! `cargo bench --bench kernels`: the hand-written kernels against the library path at decode
+//! shapes (the weights of `block_main_b4_85` / `vanilla_70`).
+
+use blockformer::kernels::matmul::matmul_skinny;
+use candle_core::{Device, Tensor};
+use std::time::Instant;
+
+fn time(it: usize, mut f: impl FnMut()) -> f64 {
+    f();
+    let t = Instant::now();
+    for _ in 0..it {
+        f();
+    }
+    t.elapsed().as_secs_f64() / it as f64
+}
+
+fn main() {
+    let dev = Device::Cpu;
+    println!(
+        "{:>18} {:>12} {:>12} {:>10}",
+        "M x K x N", "gemm ms", "skinny ms", "GB/s"
+    );
+    for (m, k, n) in [
+        (1, 768, 50304),
+        (8, 768, 50304),
+        (16, 768, 50304),
+        (1, 768, 2304),
+        (8, 768, 2304),
+        (8, 768, 3072),
+        (8, 3072, 768),
+        (16, 512, 2048),
+        (16, 2048, 512),
+    ] {
+        let w = Tensor::randn(0f32, 1.0, (k, n), &dev).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap();
+        let it = if n > 10000 { 20 } else { 200 };
+        let g = time(it, || {
+            x.matmul(&w).unwrap();
+        });
+        let xv: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+        let wv: Vec<f32> = w.flatten_all().unwrap().to_vec1().unwrap();
+        let mut y = vec![0f32; m * n];
+        let s = time(it, || matmul_skinny(&xv, &wv, None, m, k, n, &mut y));
+        println!(
+            "{:>18} {:>12.3} {:>12.3} {:>10.1}",
+            format!("{m}x{k}x{n}"),
+            g * 1e3,
+            s * 1e3,
+            (k * n * 4) as f64 / s / 1e9
+        );
+    }
+}
