@@ -69,8 +69,12 @@ fn sampled(p: Vec<u32>, n: usize, seed: u64) -> GenRequest {
 
 #[test]
 fn greedy_generation_equals_argmax_of_the_official_forward() {
-    for (name, model) in models() {
-        let p = prompt(7, 1);
+    // 600 tokens: long enough for the matmul prefill path in every fixture's decoders.
+    for ((name, model), len) in models()
+        .into_iter()
+        .flat_map(|m| [(m.clone(), 7), (m, 600)])
+    {
+        let p = prompt(len, 1);
         let (gen, _) = run(&model, &[GenRequest::greedy(p.clone(), 21)], 1).remove(0);
         assert_eq!(gen.len(), 21);
         let mut seq = p.clone();

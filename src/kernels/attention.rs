@@ -143,6 +143,15 @@ impl KvCache {
         self.len = 0;
     }
 
+    /// Keys and values of one layer, `[heads, capacity, head_dim]` each.
+    pub fn layer(&self, layer: usize) -> (&[f32], &[f32]) {
+        let n = self.heads * self.capacity * self.head_dim;
+        (
+            &self.k[layer * n..(layer + 1) * n],
+            &self.v[layer * n..(layer + 1) * n],
+        )
+    }
+
     fn layer_mut(&mut self, layer: usize) -> (&mut [f32], &mut [f32]) {
         let n = self.heads * self.capacity * self.head_dim;
         (
@@ -173,6 +182,7 @@ struct Task<'a> {
     head: usize,
     k: &'a mut [f32],
     v: &'a mut [f32],
+    write_only: bool,
 }
 
 /// One layer of cached attention.
@@ -193,6 +203,23 @@ pub fn cached_attention(
     heads: usize,
     head_dim: usize,
 ) {
+    cached_attention_split(qkv, out, rows, caches, layer, rotary, heads, head_dim, &[]);
+}
+
+/// [`cached_attention`] where rows flagged in `write_only` only get their keys and values
+/// written, and their rotated queries stored in `out` (for [`prefill_dense`]).
+#[allow(clippy::too_many_arguments)]
+pub fn cached_attention_split(
+    qkv: &[f32],
+    out: &mut [f32],
+    rows: &[RowSpec],
+    caches: &mut [&mut KvCache],
+    layer: usize,
+    rotary: &Rotary,
+    heads: usize,
+    head_dim: usize,
+    write_only: &[bool],
+) {
     let w = heads * head_dim;
     let n: usize = rows.iter().map(|r| r.n_new).sum();
     assert_eq!(qkv.len(), n * 3 * w, "qkv shape");
@@ -201,7 +228,7 @@ pub fn cached_attention(
     assert!(head_dim <= MAX_HEAD_DIM);
     let mut tasks = Vec::with_capacity(rows.len() * heads);
     let mut first = 0;
-    for (spec, cache) in rows.iter().zip(caches.iter_mut()) {
+    for (row, (spec, cache)) in rows.iter().zip(caches.iter_mut()).enumerate() {
         assert!(
             cache.len + spec.n_new <= cache.capacity,
             "kv cache overflow: {} + {} > {}",
@@ -224,6 +251,7 @@ pub fn cached_attention(
                 head,
                 k,
                 v,
+                write_only: write_only.get(row).copied().unwrap_or(false),
             });
         }
         first += spec.n_new;
@@ -252,6 +280,10 @@ pub fn cached_attention(
                     head_dim,
                 )
             };
+            if t.write_only {
+                o.copy_from_slice(q);
+                continue;
+            }
             attend_online(
                 q,
                 &t.k[..(slot + 1) * head_dim],
@@ -263,6 +295,50 @@ pub fn cached_attention(
     });
 }
 
+/// Query chunk of [`prefill_dense`]: keys beyond a chunk's last query are skipped, so causal
+/// attention costs about half of the full square.
+const DENSE_CHUNK: usize = 256;
+
+/// Causal attention of a fresh prompt (`n` positions, cache empty before this call) with large
+/// matmuls: `q` holds the rotated queries `[n, heads * hd]` (as left by
+/// [`cached_attention_split`]) and is overwritten with the attention output; keys and values
+/// come from the cache. Same result as the online kernel, at matmul speed.
+pub fn prefill_dense(
+    q: &mut [f32],
+    cache: &KvCache,
+    layer: usize,
+    n: usize,
+) -> candle_core::Result<()> {
+    use candle_core::{Device, Tensor};
+    let (h, hd, cap) = (cache.heads, cache.head_dim, cache.capacity);
+    let dev = Device::Cpu;
+    let (kl, vl) = cache.layer(layer);
+    let k = Tensor::from_slice(kl, (h, cap, hd), &dev)?.narrow(1, 0, n)?;
+    let v = Tensor::from_slice(vl, (h, cap, hd), &dev)?.narrow(1, 0, n)?;
+    let qt = Tensor::from_slice(q, (n, h, hd), &dev)?
+        .transpose(0, 1)?
+        .contiguous()?; // [h, n, hd]
+    let scale = 1.0 / (hd as f64).sqrt();
+    let mut outs = Vec::with_capacity(n.div_ceil(DENSE_CHUNK));
+    for a in (0..n).step_by(DENSE_CHUNK) {
+        let b = (a + DENSE_CHUNK).min(n);
+        let kc = k.narrow(1, 0, b)?.contiguous()?; // keys 0..b
+        let vc = v.narrow(1, 0, b)?.contiguous()?;
+        let qc = qt.narrow(1, a, b - a)?.contiguous()?;
+        let scores = (qc.matmul(&kc.t()?.contiguous()?)? * scale)?; // [h, b-a, b]
+        let mask: Vec<f32> = (a..b)
+            .flat_map(|i| (0..b).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+            .collect();
+        let mask = Tensor::from_vec(mask, (b - a, b), &dev)?;
+        let p = candle_nn::ops::softmax_last_dim(&scores.broadcast_add(&mask)?)?;
+        outs.push(p.matmul(&vc)?); // [h, b-a, hd]
+    }
+    let o = Tensor::cat(&outs, 1)?.transpose(0, 1)?.contiguous()?; // [n, h, hd]
+    let o: Vec<f32> = o.flatten_all()?.to_vec1()?;
+    q.copy_from_slice(&o);
+    Ok(())
+}
+
 /// Marks the positions written by the last [`cached_attention`] calls as part of the caches.
 pub fn commit(rows: &[RowSpec], caches: &mut [&mut KvCache]) {
     for (spec, cache) in rows.iter().zip(caches.iter_mut()) {
@@ -271,8 +347,37 @@ pub fn commit(rows: &[RowSpec], caches: &mut [&mut KvCache]) {
 }
 
 /// Single-pass softmax attention of one query over `keys`/`values` (`[T, hd]` each).
+/// AVX-512 and AVX2 builds of the same code are selected at run time.
 #[inline]
 pub fn attend_online(q: &[f32], keys: &[f32], values: &[f32], scale: f32, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports AVX-512F.
+            return unsafe { attend_avx512(q, keys, values, scale, out) };
+        }
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU supports AVX2 and FMA.
+            return unsafe { attend_avx2(q, keys, values, scale, out) };
+        }
+    }
+    attend_generic(q, keys, values, scale, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vl,fma")]
+unsafe fn attend_avx512(q: &[f32], keys: &[f32], values: &[f32], scale: f32, out: &mut [f32]) {
+    attend_generic(q, keys, values, scale, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn attend_avx2(q: &[f32], keys: &[f32], values: &[f32], scale: f32, out: &mut [f32]) {
+    attend_generic(q, keys, values, scale, out)
+}
+
+#[inline(always)]
+fn attend_generic(q: &[f32], keys: &[f32], values: &[f32], scale: f32, out: &mut [f32]) {
     let hd = q.len();
     let mut acc = [0f32; MAX_HEAD_DIM];
     let acc = &mut acc[..hd];
@@ -300,7 +405,7 @@ pub fn attend_online(q: &[f32], keys: &[f32], values: &[f32], scale: f32, out: &
     }
 }
 
-#[inline]
+#[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     // Eight independent accumulators let the compiler vectorise the reduction.
     let mut s = [0f32; 8];
@@ -358,6 +463,40 @@ mod tests {
             for (x, y) in a.iter().zip(&b) {
                 assert!((x - y).abs() < 1e-5, "t={t} hd={hd}: {x} vs {y}");
             }
+        }
+    }
+
+    #[test]
+    fn dense_prefill_matches_the_online_kernel() {
+        let (heads, hd, n) = (2, 16, 300);
+        let w = heads * hd;
+        let rot = Rotary::new(4, 10000.0, 512);
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(4);
+        let qkv = rand_vec(&mut rng, n * 3 * w);
+        let spec = [RowSpec::arange(n, 0)];
+        let mut c1 = KvCache::new(1, heads, hd, n);
+        let mut online = vec![0.0; n * w];
+        cached_attention(&qkv, &mut online, &spec, &mut [&mut c1], 0, &rot, heads, hd);
+        let mut c2 = KvCache::new(1, heads, hd, n);
+        let mut dense = vec![0.0; n * w];
+        cached_attention_split(
+            &qkv,
+            &mut dense,
+            &spec,
+            &mut [&mut c2],
+            0,
+            &rot,
+            heads,
+            hd,
+            &[true],
+        );
+        prefill_dense(&mut dense, &c2, 0, n).unwrap();
+        for (i, (a, b)) in online.iter().zip(&dense).enumerate() {
+            assert!(
+                (a - b).abs() < 1e-4,
+                "at {i} (position {}): {a} vs {b}",
+                i / w
+            );
         }
     }
 

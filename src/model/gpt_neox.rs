@@ -190,6 +190,9 @@ impl Layer {
     }
 }
 
+/// Fresh prompts at least this long compute attention with matmuls ([`attention::prefill_dense`]).
+const DENSE_PREFILL_MIN: usize = 64;
+
 /// A GPT-NeoX stack: layers and the final LayerNorm (embeddings live with their owners).
 #[derive(Clone, Debug)]
 pub struct NeoX {
@@ -335,11 +338,35 @@ impl NeoX {
         let act = self.cfg.hidden_act.as_str();
         let mut h = x.clone();
         let mut out = vec![0f32; n * w];
+        // Long fresh prompts take the matmul path for attention.
+        let dense: Vec<bool> = rows
+            .iter()
+            .zip(caches.iter())
+            .map(|(r, c)| c.len == 0 && r.n_new >= DENSE_PREFILL_MIN)
+            .collect();
         for (li, layer) in self.layers.iter().enumerate() {
             let a = layer.input_layernorm.forward_fused(&h)?;
             let qkv = layer.query_key_value.forward(&a)?;
             let qkv = qkv.flatten_all()?.to_vec1::<f32>()?;
-            attention::cached_attention(&qkv, &mut out, rows, caches, li, &self.rotary, nh, hd);
+            attention::cached_attention_split(
+                &qkv,
+                &mut out,
+                rows,
+                caches,
+                li,
+                &self.rotary,
+                nh,
+                hd,
+                &dense,
+            );
+            let mut first = 0;
+            for (r, spec) in rows.iter().enumerate() {
+                if dense[r] {
+                    let q = &mut out[first * w..(first + spec.n_new) * w];
+                    attention::prefill_dense(q, caches[r], li, spec.n_new)?;
+                }
+                first += spec.n_new;
+            }
             let o = Tensor::from_slice(&out, (n, w), h.device())?;
             let attn = layer.dense.forward(&o)?;
             h = if self.cfg.use_parallel_residual {
