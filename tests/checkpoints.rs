@@ -170,13 +170,7 @@ fn hf_gpt_neox_folder_loads_with_its_config() {
     assert!(!l.model.is_block());
 }
 
-fn temp_copy(
-    name: &str,
-) -> (
-    tempfile::TempDir,
-    PathBuf,
-    BTreeMap<String, (Dtype, Vec<usize>, Vec<u8>)>,
-) {
+fn temp_copy(name: &str) -> (tempfile::TempDir, PathBuf, Raw) {
     let fx = block_fixture();
     let d = tempfile::tempdir().unwrap();
     let p = d.path().join(name);
