@@ -17,8 +17,15 @@ pub const WEIGHTS_FILE: &str = "model.safetensors";
 pub const CONFIG_FILE: &str = "config.json";
 pub const TOKENIZER_FILE: &str = "tokenizer.json";
 
-/// Tensor names the official checkpoints store but no model reads.
-const ACCEPTED_UNUSED: &[&str] = &[block_decoder::UNUSED_EMBED_IN];
+/// Tensors that checkpoints may store but no model reads: the official block decoder's
+/// `embed_in`, and the attention buffers of older Hugging Face GPT-NeoX (Pythia) checkpoints
+/// (causal mask `attention.bias`, `attention.masked_bias`, rotary `inv_freq`).
+fn is_unused_buffer(name: &str) -> bool {
+    name == block_decoder::UNUSED_EMBED_IN
+        || name.ends_with(".attention.bias")
+        || name.ends_with(".attention.masked_bias")
+        || name.ends_with(".attention.rotary_emb.inv_freq")
+}
 
 /// Dtype, shape and byte range (within the data section) of one stored tensor.
 pub type TensorEntry = (Dtype, Vec<usize>, (usize, usize));
@@ -149,7 +156,7 @@ pub fn load_weights(
     let extra: Vec<&String> = file
         .tensors
         .keys()
-        .filter(|k| !src.used.contains(*k) && !ACCEPTED_UNUSED.contains(&k.as_str()))
+        .filter(|k| !src.used.contains(*k) && !is_unused_buffer(k))
         .collect();
     if !extra.is_empty() {
         let shown: Vec<_> = extra.iter().take(5).map(|s| format!("`{s}`")).collect();

@@ -8,6 +8,7 @@ use crate::error::{Error, Result};
 use crate::kernels::attention::{KvCache, RowSpec};
 use crate::model::{Arch, BlockTransformer, Model, Vanilla};
 use candle_core::Tensor;
+use rayon::prelude::*;
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Instant;
@@ -597,20 +598,37 @@ impl Engine {
         let t = Instant::now();
         let v = logits.dim(1)?;
         let host: Vec<f32> = logits.flatten_all()?.to_vec1()?;
-        for (i, &r) in rows.iter().enumerate() {
-            let row = &host[i * v..(i + 1) * v];
-            let s = &mut self.running[r];
-            let tok = s.sampler.sample(row);
-            if let Some(n) = s.logprobs {
-                let (logprob, top) = sampling::logprobs(row, tok, n);
-                lps[r].push(TokenLogprob {
-                    token: tok,
-                    logprob,
-                    top,
-                });
+        // Rows are independent (each has its own sampler): pick in parallel, in row order.
+        let mut picked: Vec<(usize, &mut Seq)> = Vec::with_capacity(rows.len());
+        let mut want = rows.iter().peekable();
+        for (r, s) in self.running.iter_mut().enumerate() {
+            if want.peek() == Some(&&r) {
+                picked.push((r, s));
+                want.next();
             }
+        }
+        debug_assert_eq!(picked.len(), rows.len(), "rows must be ascending");
+        let chosen: Vec<(usize, u32, Option<TokenLogprob>)> = picked
+            .into_par_iter()
+            .enumerate()
+            .map(|(i, (r, s))| {
+                let row = &host[i * v..(i + 1) * v];
+                let tok = s.sampler.sample(row);
+                let lp = s.logprobs.map(|n| {
+                    let (logprob, top) = sampling::logprobs(row, tok, n);
+                    TokenLogprob {
+                        token: tok,
+                        logprob,
+                        top,
+                    }
+                });
+                (r, tok, lp)
+            })
+            .collect();
+        for (r, tok, lp) in chosen {
+            lps[r].extend(lp);
             out[r].push(tok);
-            if s.eos == Some(tok) {
+            if self.running[r].eos == Some(tok) {
                 hit_eos[r] = true;
             }
         }
