@@ -5,6 +5,7 @@ mod cli;
 use clap::Parser;
 
 fn main() -> std::process::ExitCode {
+    keep_freed_memory();
     let args = cli::Cli::parse();
     if let Some(n) = args.threads {
         // Read by candle's matmul and by rayon's global pool, both created lazily.
@@ -23,5 +24,17 @@ fn main() -> std::process::ExitCode {
             eprintln!("error: {e:#}");
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+/// Decoding allocates and frees the same activation and logit buffers every step; by default
+/// glibc returns large blocks to the kernel and the next step pays page faults and zeroing for
+/// them again. Keep blocks up to 32 MiB in the heap instead.
+fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only tunes allocator thresholds; called before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
     }
 }
