@@ -37,6 +37,7 @@ fn run(model: &Arc<Model>, reqs: &[GenRequest], max_batch: usize) -> Vec<(Vec<u3
         EngineOptions {
             positions: PositionMode::Trained,
             max_batch,
+            ..Default::default()
         },
     );
     let ids: Vec<u64> = reqs.iter().map(|r| e.add(r.clone()).unwrap()).collect();
@@ -304,4 +305,54 @@ fn bad_requests_are_rejected_with_the_field_named() {
         assert!(err.contains(want), "expected `{want}` in `{err}`");
     }
     assert!(e.is_idle());
+}
+
+#[test]
+fn f16_kv_cache_stays_close_to_f32() {
+    use blockformer::kernels::attention::KvDtype;
+    for (name, model) in models() {
+        let p = prompt(90, 9);
+        let mut agree = 0;
+        let mut total = 0;
+        let run_with = |dtype| {
+            let mut e = Engine::new(
+                model.clone(),
+                EngineOptions {
+                    max_batch: 2,
+                    kv_dtype: dtype,
+                    ..Default::default()
+                },
+            );
+            e.add(GenRequest {
+                logprobs: Some(0),
+                ..GenRequest::greedy(p.clone(), 16)
+            })
+            .unwrap();
+            e.run_to_completion()
+                .unwrap()
+                .into_iter()
+                .flat_map(|ev| ev.logprobs)
+                .collect::<Vec<_>>()
+        };
+        let (a, b) = (run_with(KvDtype::F32), run_with(KvDtype::F16));
+        assert_eq!(a.len(), 16);
+        // Compare the chosen token's log-probability while the two runs agree on tokens.
+        for (x, y) in a.iter().zip(&b) {
+            total += 1;
+            if x.token != y.token {
+                break;
+            }
+            agree += 1;
+            assert!(
+                (x.logprob - y.logprob).abs() < 2e-2,
+                "{name}: {} vs {}",
+                x.logprob,
+                y.logprob
+            );
+        }
+        assert!(
+            agree >= total / 2,
+            "{name}: f16 cache diverged early ({agree}/{total})"
+        );
+    }
 }

@@ -5,6 +5,7 @@ use anyhow::{bail, Context};
 use blockformer::generate::{
     Engine, EngineOptions, FinishReason, GenRequest, PositionMode, SamplingParams,
 };
+use blockformer::kernels::attention::KvDtype;
 use blockformer::tokenizer::StreamDecoder;
 use rand::{Rng, SeedableRng};
 use std::collections::HashMap;
@@ -18,6 +19,21 @@ pub enum Compat {
     Trained,
     /// Reproduce the official `generate`: its positions, length rule and EOS fillers.
     Official,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KvCacheType {
+    F32,
+    F16,
+}
+
+impl From<KvCacheType> for KvDtype {
+    fn from(k: KvCacheType) -> KvDtype {
+        match k {
+            KvCacheType::F32 => KvDtype::F32,
+            KvCacheType::F16 => KvDtype::F16,
+        }
+    }
 }
 
 #[derive(clap::Args, Debug)]
@@ -52,6 +68,10 @@ pub struct Args {
     /// Token-decoder position rule.
     #[arg(long, value_enum, default_value_t = Compat::Trained)]
     pub compat: Compat,
+    /// KV-cache element type of the block decoder / vanilla model (f16 halves the cache
+    /// traffic of long contexts; the math stays float32).
+    #[arg(long, value_enum, default_value_t = KvCacheType::F32)]
+    pub kv_cache: KvCacheType,
     /// Do not stop at the EOS token.
     #[arg(long)]
     pub ignore_eos: bool,
@@ -109,6 +129,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         EngineOptions {
             positions,
             max_batch: a.batch_size,
+            kv_dtype: a.kv_cache.into(),
         },
     );
     let mut rows: HashMap<u64, usize> = HashMap::new();

@@ -5,7 +5,7 @@
 use super::sampling::{self, Sampler, SamplingParams};
 use super::PositionMode;
 use crate::error::{Error, Result};
-use crate::kernels::attention::{KvCache, RowSpec};
+use crate::kernels::attention::{KvCache, KvDtype, RowSpec};
 use crate::model::{Arch, BlockTransformer, Model, Vanilla};
 use candle_core::Tensor;
 use rayon::prelude::*;
@@ -78,6 +78,9 @@ pub struct EngineOptions {
     pub positions: PositionMode,
     /// Rows decoded together; more requests wait in a queue.
     pub max_batch: usize,
+    /// Element type of the long-lived caches (block decoder, vanilla); the token decoder's
+    /// per-block cache stays float32.
+    pub kv_dtype: KvDtype,
 }
 
 impl Default for EngineOptions {
@@ -85,6 +88,7 @@ impl Default for EngineOptions {
         EngineOptions {
             positions: PositionMode::Trained,
             max_batch: 64,
+            kv_dtype: KvDtype::F32,
         }
     }
 }
@@ -245,7 +249,7 @@ impl Engine {
         self.next_id += 1;
         let seq = match &self.model.arch {
             Arch::Block(bt) => self.new_block_seq(bt, id, &req, &mask),
-            Arch::Vanilla(v) => Self::new_vanilla_seq(v, id, &req, &mask),
+            Arch::Vanilla(v) => Self::new_vanilla_seq(v, id, &req, &mask, self.opts.kv_dtype),
         };
         if req.max_new_tokens == 0 {
             self.events.push(StepEvent {
@@ -287,7 +291,10 @@ impl Engine {
             max_new: req.max_new_tokens,
             eos: req.eos_token_id,
             logprobs: req.logprobs,
-            cache: bt.block_decoder.stack.new_cache(blocks),
+            cache: bt
+                .block_decoder
+                .stack
+                .new_cache_typed(blocks, self.opts.kv_dtype),
             td_cache: Some(bt.token_decoder.new_block_cache(l)),
             pos_offset: dropped,
             pending,
@@ -298,7 +305,13 @@ impl Engine {
         }
     }
 
-    fn new_vanilla_seq(v: &Vanilla, id: SeqId, req: &GenRequest, mask: &[u8]) -> Seq {
+    fn new_vanilla_seq(
+        v: &Vanilla,
+        id: SeqId,
+        req: &GenRequest,
+        mask: &[u8],
+        kv_dtype: KvDtype,
+    ) -> Seq {
         // Padding is dropped: HF positions are cumsum(mask) - 1 and padded keys get zero weight.
         let pending: Vec<u32> = req
             .prompt
@@ -313,7 +326,9 @@ impl Engine {
             max_new: req.max_new_tokens,
             eos: req.eos_token_id,
             logprobs: req.logprobs,
-            cache: v.stack.new_cache(pending.len() + req.max_new_tokens),
+            cache: v
+                .stack
+                .new_cache_typed(pending.len() + req.max_new_tokens, kv_dtype),
             td_cache: None,
             pos_offset: 0,
             pending,

@@ -50,6 +50,7 @@ pub fn generate(
         EngineOptions {
             positions,
             max_batch: input_ids.len(),
+            ..Default::default()
         },
     );
     let mut ids = Vec::new();

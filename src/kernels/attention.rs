@@ -6,6 +6,9 @@
 //! attends causally over the cache with a single-pass online softmax. Work is spread over
 //! (row, head) pairs with rayon; nothing is allocated in proportion to the context.
 
+use candle_core::{DType, Device, Tensor};
+use half::f16;
+use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
 /// Largest supported head dim (the online-softmax accumulator lives on the stack).
@@ -105,6 +108,50 @@ impl RowSpec {
     }
 }
 
+/// Element type of a KV cache: float32, or float16 to halve the cache traffic of long contexts
+/// (values are rounded when stored and widened to float32 when read; the math stays float32).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum KvDtype {
+    #[default]
+    F32,
+    F16,
+}
+
+/// Storage of a [`KvCache`].
+#[derive(Clone, Debug)]
+enum KvStore {
+    F32 { k: Vec<f32>, v: Vec<f32> },
+    F16 { k: Vec<f16>, v: Vec<f16> },
+}
+
+/// What a cache element must do: be stored from and read back into float32.
+pub trait KvElem: Copy + Send + Sync + 'static {
+    fn store(src: &[f32], dst: &mut [Self]);
+    fn load(src: &[Self], dst: &mut [f32]);
+}
+
+impl KvElem for f32 {
+    #[inline(always)]
+    fn store(src: &[f32], dst: &mut [f32]) {
+        dst.copy_from_slice(src);
+    }
+    #[inline(always)]
+    fn load(src: &[f32], dst: &mut [f32]) {
+        dst.copy_from_slice(src);
+    }
+}
+
+impl KvElem for f16 {
+    #[inline(always)]
+    fn store(src: &[f32], dst: &mut [f16]) {
+        dst.convert_from_f32_slice(src);
+    }
+    #[inline(always)]
+    fn load(src: &[f16], dst: &mut [f32]) {
+        src.convert_to_f32_slice(dst);
+    }
+}
+
 /// Keys and values of one sequence for every layer of one stack, preallocated.
 /// Layout `[layer][head][capacity][head_dim]`; keys are stored after rotary.
 #[derive(Clone, Debug)]
@@ -115,27 +162,55 @@ pub struct KvCache {
     pub capacity: usize,
     /// Positions written and committed.
     pub len: usize,
-    k: Vec<f32>,
-    v: Vec<f32>,
+    store: KvStore,
 }
 
 impl KvCache {
     pub fn new(layers: usize, heads: usize, head_dim: usize, capacity: usize) -> Self {
+        Self::with_dtype(layers, heads, head_dim, capacity, KvDtype::F32)
+    }
+
+    pub fn with_dtype(
+        layers: usize,
+        heads: usize,
+        head_dim: usize,
+        capacity: usize,
+        dtype: KvDtype,
+    ) -> Self {
         let n = layers * heads * capacity * head_dim;
+        let store = match dtype {
+            KvDtype::F32 => KvStore::F32 {
+                k: vec![0.0; n],
+                v: vec![0.0; n],
+            },
+            KvDtype::F16 => KvStore::F16 {
+                k: vec![f16::ZERO; n],
+                v: vec![f16::ZERO; n],
+            },
+        };
         KvCache {
             layers,
             heads,
             head_dim,
             capacity,
             len: 0,
-            k: vec![0.0; n],
-            v: vec![0.0; n],
+            store,
+        }
+    }
+
+    pub fn dtype(&self) -> KvDtype {
+        match self.store {
+            KvStore::F32 { .. } => KvDtype::F32,
+            KvStore::F16 { .. } => KvDtype::F16,
         }
     }
 
     /// Bytes held by the cache (keys and values).
     pub fn bytes(&self) -> usize {
-        (self.k.len() + self.v.len()) * std::mem::size_of::<f32>()
+        match &self.store {
+            KvStore::F32 { k, v } => (k.len() + v.len()) * 4,
+            KvStore::F16 { k, v } => (k.len() + v.len()) * 2,
+        }
     }
 
     /// Forget everything (the token decoder's cache is reset for every block).
@@ -143,21 +218,26 @@ impl KvCache {
         self.len = 0;
     }
 
-    /// Keys and values of one layer, `[heads, capacity, head_dim]` each.
-    pub fn layer(&self, layer: usize) -> (&[f32], &[f32]) {
+    fn layer_range(&self, layer: usize) -> std::ops::Range<usize> {
         let n = self.heads * self.capacity * self.head_dim;
-        (
-            &self.k[layer * n..(layer + 1) * n],
-            &self.v[layer * n..(layer + 1) * n],
-        )
+        layer * n..(layer + 1) * n
     }
 
-    fn layer_mut(&mut self, layer: usize) -> (&mut [f32], &mut [f32]) {
-        let n = self.heads * self.capacity * self.head_dim;
-        (
-            &mut self.k[layer * n..(layer + 1) * n],
-            &mut self.v[layer * n..(layer + 1) * n],
-        )
+    /// Keys and values of one layer as float32 tensors `[heads, capacity, head_dim]`.
+    pub fn layer_tensors(&self, layer: usize) -> candle_core::Result<(Tensor, Tensor)> {
+        let r = self.layer_range(layer);
+        let shape = (self.heads, self.capacity, self.head_dim);
+        let dev = Device::Cpu;
+        Ok(match &self.store {
+            KvStore::F32 { k, v } => (
+                Tensor::from_slice(&k[r.clone()], shape, &dev)?,
+                Tensor::from_slice(&v[r], shape, &dev)?,
+            ),
+            KvStore::F16 { k, v } => (
+                Tensor::from_slice(&k[r.clone()], shape, &dev)?.to_dtype(DType::F32)?,
+                Tensor::from_slice(&v[r], shape, &dev)?.to_dtype(DType::F32)?,
+            ),
+        })
     }
 }
 
@@ -173,15 +253,15 @@ impl OutPtr {
     }
 }
 
-struct Task<'a> {
+struct Task<'a, T> {
     spec: RowSpec,
     /// Cache length before this call.
     past: usize,
     /// Index of the row's first new position in the flattened batch.
     first: usize,
     head: usize,
-    k: &'a mut [f32],
-    v: &'a mut [f32],
+    k: &'a mut [T],
+    v: &'a mut [T],
     write_only: bool,
 }
 
@@ -220,6 +300,54 @@ pub fn cached_attention_split(
     head_dim: usize,
     write_only: &[bool],
 ) {
+    match caches.first().map(|c| c.dtype()) {
+        None => {}
+        Some(KvDtype::F32) => run_tasks::<f32>(
+            qkv, out, rows, caches, layer, rotary, heads, head_dim, write_only,
+        ),
+        Some(KvDtype::F16) => run_tasks::<f16>(
+            qkv, out, rows, caches, layer, rotary, heads, head_dim, write_only,
+        ),
+    }
+}
+
+/// Cache storage viewed as slices of `T`.
+trait Slices<T> {
+    fn layer_mut(&mut self, range: std::ops::Range<usize>) -> (&mut [T], &mut [T]);
+}
+
+impl Slices<f32> for KvCache {
+    fn layer_mut(&mut self, r: std::ops::Range<usize>) -> (&mut [f32], &mut [f32]) {
+        match &mut self.store {
+            KvStore::F32 { k, v } => (&mut k[r.clone()], &mut v[r]),
+            KvStore::F16 { .. } => panic!("caches of one call must share a dtype"),
+        }
+    }
+}
+
+impl Slices<f16> for KvCache {
+    fn layer_mut(&mut self, r: std::ops::Range<usize>) -> (&mut [f16], &mut [f16]) {
+        match &mut self.store {
+            KvStore::F16 { k, v } => (&mut k[r.clone()], &mut v[r]),
+            KvStore::F32 { .. } => panic!("caches of one call must share a dtype"),
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_tasks<T: KvElem>(
+    qkv: &[f32],
+    out: &mut [f32],
+    rows: &[RowSpec],
+    caches: &mut [&mut KvCache],
+    layer: usize,
+    rotary: &Rotary,
+    heads: usize,
+    head_dim: usize,
+    write_only: &[bool],
+) where
+    KvCache: Slices<T>,
+{
     let w = heads * head_dim;
     let n: usize = rows.iter().map(|r| r.n_new).sum();
     assert_eq!(qkv.len(), n * 3 * w, "qkv shape");
@@ -238,7 +366,8 @@ pub fn cached_attention_split(
         );
         let past = cache.len;
         let cap = cache.capacity;
-        let (kl, vl) = cache.layer_mut(layer);
+        let range = cache.layer_range(layer);
+        let (kl, vl) = Slices::<T>::layer_mut(&mut **cache, range);
         for (head, (k, v)) in kl
             .chunks_mut(cap * head_dim)
             .zip(vl.chunks_mut(cap * head_dim))
@@ -268,11 +397,15 @@ pub fn cached_attention_split(
             let slot = t.past + i;
             q.copy_from_slice(&qkv[base..base + head_dim]);
             rotary.apply(q, pos);
-            let kd = &mut t.k[slot * head_dim..(slot + 1) * head_dim];
-            kd.copy_from_slice(&qkv[base + head_dim..base + 2 * head_dim]);
-            rotary.apply(kd, pos);
-            t.v[slot * head_dim..(slot + 1) * head_dim]
-                .copy_from_slice(&qkv[base + 2 * head_dim..base + 3 * head_dim]);
+            let mut kr = [0f32; MAX_HEAD_DIM];
+            let kr = &mut kr[..head_dim];
+            kr.copy_from_slice(&qkv[base + head_dim..base + 2 * head_dim]);
+            rotary.apply(kr, pos);
+            T::store(kr, &mut t.k[slot * head_dim..(slot + 1) * head_dim]);
+            T::store(
+                &qkv[base + 2 * head_dim..base + 3 * head_dim],
+                &mut t.v[slot * head_dim..(slot + 1) * head_dim],
+            );
             // SAFETY: slot (g, head) is written by this task only; `out` outlives the loop.
             let o = unsafe {
                 std::slice::from_raw_parts_mut(
@@ -284,7 +417,7 @@ pub fn cached_attention_split(
                 o.copy_from_slice(q);
                 continue;
             }
-            attend_online(
+            attend_cached::<T>(
                 q,
                 &t.k[..(slot + 1) * head_dim],
                 &t.v[..(slot + 1) * head_dim],
@@ -309,12 +442,10 @@ pub fn prefill_dense(
     layer: usize,
     n: usize,
 ) -> candle_core::Result<()> {
-    use candle_core::{Device, Tensor};
-    let (h, hd, cap) = (cache.heads, cache.head_dim, cache.capacity);
+    let (h, hd) = (cache.heads, cache.head_dim);
     let dev = Device::Cpu;
-    let (kl, vl) = cache.layer(layer);
-    let k = Tensor::from_slice(kl, (h, cap, hd), &dev)?.narrow(1, 0, n)?;
-    let v = Tensor::from_slice(vl, (h, cap, hd), &dev)?.narrow(1, 0, n)?;
+    let (k, v) = cache.layer_tensors(layer)?;
+    let (k, v) = (k.narrow(1, 0, n)?, v.narrow(1, 0, n)?);
     let qt = Tensor::from_slice(q, (n, h, hd), &dev)?
         .transpose(0, 1)?
         .contiguous()?; // [h, n, hd]
@@ -343,6 +474,48 @@ pub fn prefill_dense(
 pub fn commit(rows: &[RowSpec], caches: &mut [&mut KvCache]) {
     for (spec, cache) in rows.iter().zip(caches.iter_mut()) {
         cache.len += spec.n_new;
+    }
+}
+
+/// Attention of one query over cached keys/values of element type `T`.
+#[inline]
+fn attend_cached<T: KvElem>(q: &[f32], keys: &[T], values: &[T], scale: f32, out: &mut [f32]) {
+    // SAFETY of the casts: `T` is exactly f32 in the first branch.
+    if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() {
+        let k = unsafe { std::slice::from_raw_parts(keys.as_ptr() as *const f32, keys.len()) };
+        let v = unsafe { std::slice::from_raw_parts(values.as_ptr() as *const f32, values.len()) };
+        return attend_online(q, k, v, scale, out);
+    }
+    // Narrow elements: widen each key and value row into registers-sized buffers.
+    let hd = q.len();
+    let mut acc = [0f32; MAX_HEAD_DIM];
+    let acc = &mut acc[..hd];
+    let mut kb = [0f32; MAX_HEAD_DIM];
+    let mut vb = [0f32; MAX_HEAD_DIM];
+    let (kb, vb) = (&mut kb[..hd], &mut vb[..hd]);
+    let mut m = f32::NEG_INFINITY;
+    let mut l = 0f32;
+    for (k, v) in keys.chunks_exact(hd).zip(values.chunks_exact(hd)) {
+        T::load(k, kb);
+        let s = dot(q, kb) * scale;
+        if s > m {
+            let c = (m - s).exp();
+            l *= c;
+            for a in acc.iter_mut() {
+                *a *= c;
+            }
+            m = s;
+        }
+        let p = (s - m).exp();
+        l += p;
+        T::load(v, vb);
+        for (a, x) in acc.iter_mut().zip(vb.iter()) {
+            *a += p * x;
+        }
+    }
+    let inv = 1.0 / l;
+    for (o, a) in out.iter_mut().zip(acc.iter()) {
+        *o = a * inv;
     }
 }
 

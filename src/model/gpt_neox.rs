@@ -19,7 +19,7 @@
 use super::{Init, WeightSource};
 use crate::config::NeoXConfig;
 use crate::error::Result;
-use crate::kernels::attention::{self, KvCache, Rotary, RowSpec};
+use crate::kernels::attention::{self, KvCache, KvDtype, Rotary, RowSpec};
 use crate::kernels::matmul;
 use candle_core::{DType, Device, Tensor, D};
 
@@ -316,8 +316,13 @@ impl NeoX {
 
     /// A new, empty KV cache for one sequence of up to `capacity` positions.
     pub fn new_cache(&self, capacity: usize) -> KvCache {
+        self.new_cache_typed(capacity, KvDtype::F32)
+    }
+
+    /// A new, empty KV cache with the given element type.
+    pub fn new_cache_typed(&self, capacity: usize, dtype: KvDtype) -> KvCache {
         let (nh, hd) = self.heads();
-        KvCache::new(self.cfg.num_hidden_layers, nh, hd, capacity)
+        KvCache::with_dtype(self.cfg.num_hidden_layers, nh, hd, capacity, dtype)
     }
 
     /// Cached forward over a ragged batch.
