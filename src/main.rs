@@ -6,6 +6,11 @@ use clap::Parser;
 
 fn main() -> std::process::ExitCode {
     keep_freed_memory();
+    if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
+        // candle's element-wise thread pool spins 25k iterations before parking; on two cores
+        // that spinning steals the core from the matmul and attention threads of the next op.
+        std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "1000");
+    }
     let args = cli::Cli::parse();
     if let Some(n) = args.threads {
         // Read by candle's matmul and by rayon's global pool, both created lazily.

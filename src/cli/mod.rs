@@ -1,8 +1,14 @@
 //! Subcommands, one file each.
 
+mod bench;
 mod common;
+mod eval;
 mod generate;
 mod info;
+mod loadtest;
+mod serve;
+mod tokenizer;
+mod train;
 
 use clap::{Parser, Subcommand};
 
@@ -26,11 +32,32 @@ pub enum Command {
     Info(info::Args),
     /// Generate text (or token ids) from prompts, batched.
     Generate(generate::Args),
+    /// Serve a model over an OpenAI-compatible HTTP API (continuous batching).
+    Serve(serve::Args),
+    /// Load-test a running server on this machine (bounded; loopback only).
+    Loadtest(loadtest::Args),
+    /// Tokenizer tools: `tokenizer train` (byte-level BPE, Pythia special ids).
+    Tokenizer(tokenizer::Args),
+    /// Train a block or vanilla model (from scratch, resumed, or uptrained from a vanilla one).
+    Train(train::Args),
+    /// Loss, perplexity, accuracy and loss by position of models on the same tokens.
+    Eval(eval::Args),
+    /// Copy a model folder with float16 (or float32) weights.
+    Export(train::ExportArgs),
+    /// Throughput benchmark (the paper's settings) with a roofline bound of this machine.
+    Bench(bench::Args),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Info(a) => info::run(a),
         Command::Generate(a) => generate::run(a),
+        Command::Serve(a) => serve::run(a),
+        Command::Loadtest(a) => loadtest::run(a),
+        Command::Tokenizer(a) => tokenizer::run(a),
+        Command::Train(a) => train::run(a),
+        Command::Eval(a) => eval::run(a),
+        Command::Export(a) => train::export(a),
+        Command::Bench(a) => bench::run(a),
     }
 }

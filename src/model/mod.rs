@@ -98,8 +98,19 @@ impl WeightSource for Recorder<'_> {
 
     fn tensor_t(&mut self, name: &str, shape: &[usize], init: Init) -> Result<Tensor> {
         let t = self.inner.tensor_t(name, shape, init)?;
-        // Recorded in the official layout: a transposed view of the same storage.
-        self.params.push((name.to_string(), t.t()?.reshape(shape)?));
+        // Recorded in the official layout as a view of the same storage (`reshape` would copy
+        // a transposed tensor): `[out, in]`, plus unit dims such as the expansion's `[.., 1]`.
+        let mut view = t.t()?;
+        while view.rank() < shape.len() {
+            view = view.unsqueeze(view.rank())?;
+        }
+        if view.dims() != shape {
+            return Err(crate::Error::checkpoint(
+                name,
+                format!("cannot view {:?} as {shape:?}", t.dims()),
+            ));
+        }
+        self.params.push((name.to_string(), view));
         Ok(t)
     }
 }

@@ -1,0 +1,479 @@
+//! Throughput benchmark of batched generation, the paper's way (spec section 12): uniformly
+//! random prompts of one length, greedy, no early stop, a warm-up run then timed runs, and
+//! throughput = generated tokens / wall time of the whole run (prefill included).
+//!
+//! - [`bench_model`] runs one model at one batch size and lengths and returns a [`BenchRow`]
+//!   (throughput, time split, peak resident memory, KV-cache bytes, roofline bound).
+//! - [`roofline`]: the machine probe and the FLOP/byte model behind the bound.
+//! - [`report`]: the table and JSON; [`chart`]: the SVG chart of throughput against batch size.
+//!
+//! `blockformer bench` (src/cli/bench.rs) is the command-line front end; `docs/bench.md`
+//! describes the method and the cost model.
+
+pub mod chart;
+pub mod report;
+pub mod roofline;
+
+use crate::error::{Error, Result};
+use crate::generate::{Engine, EngineOptions, EngineStats, GenRequest, PositionMode};
+use crate::model::Model;
+use rand::{Rng, SeedableRng};
+use roofline::{Machine, MemoryModel, Roofline, Workload};
+use serde::Serialize;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// The paper's two settings, or other lengths.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Setting {
+    /// Prompt 2048, 128 new tokens.
+    PrefillHeavy,
+    /// Prompt 128, 2048 new tokens.
+    DecodeHeavy,
+    Custom {
+        prompt_len: usize,
+        new_tokens: usize,
+    },
+}
+
+impl Setting {
+    pub fn name(&self) -> String {
+        match self {
+            Setting::PrefillHeavy => "prefill-heavy".into(),
+            Setting::DecodeHeavy => "decode-heavy".into(),
+            Setting::Custom {
+                prompt_len,
+                new_tokens,
+            } => format!("{prompt_len}+{new_tokens}"),
+        }
+    }
+
+    /// The paper setting with these lengths, else a custom one.
+    pub fn of(prompt_len: usize, new_tokens: usize) -> Setting {
+        match (prompt_len, new_tokens) {
+            (2048, 128) => Setting::PrefillHeavy,
+            (128, 2048) => Setting::DecodeHeavy,
+            _ => Setting::Custom {
+                prompt_len,
+                new_tokens,
+            },
+        }
+    }
+
+    /// (prompt tokens, new tokens).
+    pub fn lengths(&self) -> (usize, usize) {
+        match *self {
+            Setting::PrefillHeavy => (2048, 128),
+            Setting::DecodeHeavy => (128, 2048),
+            Setting::Custom {
+                prompt_len,
+                new_tokens,
+            } => (prompt_len, new_tokens),
+        }
+    }
+}
+
+/// How each measurement is taken.
+#[derive(Clone, Copy, Debug)]
+pub struct BenchSpec {
+    /// Timed runs (at least 1).
+    pub runs: usize,
+    /// Untimed runs first.
+    pub warmup: usize,
+    /// Seed of the random prompts.
+    pub seed: u64,
+}
+
+impl Default for BenchSpec {
+    fn default() -> Self {
+        BenchSpec {
+            runs: 3,
+            warmup: 1,
+            seed: 0,
+        }
+    }
+}
+
+/// One timed run.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct RunMeasure {
+    pub seconds: f64,
+    pub tokens_per_s: f64,
+    pub stats: EngineStats,
+}
+
+/// Memory of a measurement (bytes).
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct MemoryReport {
+    /// Peak resident set (VmHWM) over the measurement's runs.
+    pub peak_rss: usize,
+    /// Whether the peak was reset before the measurement (`/proc/self/clear_refs`); if not,
+    /// `peak_rss` is the process's peak so far.
+    pub peak_reset: bool,
+    /// Resident memory of the process before the model was loaded.
+    pub base_rss: usize,
+    /// Bytes of the model's parameters (`Model::params`).
+    pub weights: usize,
+    /// Resident memory the model added when loaded (measured; 0 if unknown). More than
+    /// `weights` when modules hold copies of parameters in another layout.
+    pub model_rss: usize,
+    /// KV caches of all rows at their largest, as the engine reported them.
+    pub kv_cache: usize,
+    /// Largest step's activations (the memory model's estimate), all rows.
+    pub activations: usize,
+    /// `base_rss + weights + kv_cache + activations`.
+    pub expected: usize,
+    /// `peak_rss / expected`.
+    pub ratio: f64,
+}
+
+/// One model at one batch size and lengths.
+#[derive(Clone, Debug, Serialize)]
+pub struct BenchRow {
+    pub model: String,
+    pub setting: String,
+    pub batch: usize,
+    pub prompt_len: usize,
+    pub new_tokens: usize,
+    /// Median timed run (the faster of the two middle ones for an even count).
+    pub tokens_per_s: f64,
+    /// Wall time per generated token of one sequence (run time / new tokens), median run.
+    pub ms_per_token: f64,
+    pub seconds: f64,
+    /// Slowest and fastest timed run, tokens/s.
+    pub tokens_per_s_min: f64,
+    pub tokens_per_s_max: f64,
+    /// Time split of the median run.
+    pub stats: EngineStats,
+    pub runs: Vec<RunMeasure>,
+    /// KV-cache bytes per sample, as the engine allocated them.
+    pub kv_bytes_per_sample: usize,
+    pub memory: MemoryReport,
+    /// Roofline bound on this machine, if probed.
+    pub bound: Option<Roofline>,
+    /// `tokens_per_s / bound.tokens_per_s`.
+    pub efficiency: Option<f64>,
+}
+
+/// Resident memory figures of this process from `/proc/self/status` (bytes): (VmRSS, VmHWM).
+pub fn rss() -> (usize, usize) {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        s.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<usize>().ok())
+            .map_or(0, |kb| kb * 1024)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// Returns freed heap memory to the system (glibc `malloc_trim`), so that memory a previous
+/// measurement freed does not count in the next one's resident set.
+pub fn trim_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free memory of the allocator's own arenas.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+/// Resets the peak resident set to the current one (Linux `clear_refs` 5).
+pub fn reset_peak_rss() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
+/// `MemAvailable` from `/proc/meminfo` (bytes).
+pub fn mem_available() -> Option<usize> {
+    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let l = s.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    l.split_whitespace()
+        .nth(1)?
+        .parse::<usize>()
+        .ok()
+        .map(|kb| kb * 1024)
+}
+
+/// Bytes of the parameters a model holds.
+pub fn weight_bytes(model: &Model) -> usize {
+    model
+        .params
+        .iter()
+        .map(|(_, t)| t.elem_count() * t.dtype().size_in_bytes())
+        .sum()
+}
+
+/// The memory model of a run of `model` at these lengths, with the weights it actually holds.
+pub fn memory_model(model: &Model, prompt_len: usize, new_tokens: usize) -> MemoryModel {
+    MemoryModel {
+        weights: weight_bytes(model),
+        ..MemoryModel::new(&model.config, prompt_len, new_tokens)
+    }
+}
+
+/// Checks that a model can run these lengths.
+pub fn check_lengths(model: &Model, prompt_len: usize, new_tokens: usize) -> Result<()> {
+    if prompt_len == 0 {
+        return Err(Error::input("--prompt-len", "must be at least 1"));
+    }
+    if new_tokens == 0 {
+        return Err(Error::input("--new-tokens", "must be at least 1"));
+    }
+    let ctx = model.config.context_length();
+    if prompt_len > ctx {
+        return Err(Error::input(
+            "--prompt-len",
+            format!("{prompt_len} tokens is longer than the model's context of {ctx} tokens"),
+        ));
+    }
+    Ok(())
+}
+
+/// Uniformly random prompts (seeded): `batch` rows of `len` ids below `vocab`.
+pub fn random_prompts(batch: usize, len: usize, vocab: usize, seed: u64) -> Vec<Vec<u32>> {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    (0..batch)
+        .map(|_| {
+            (0..len)
+                .map(|_| rng.random_range(0..vocab as u32))
+                .collect()
+        })
+        .collect()
+}
+
+/// One run: a fresh engine, `batch` prompts, greedy to the end. Returns the wall time, the
+/// engine's time split and the largest KV-cache bytes it held.
+pub fn run_once(model: &Arc<Model>, w: &Workload, seed: u64) -> Result<(f64, EngineStats, usize)> {
+    let prompts = random_prompts(w.batch, w.prompt_len, model.config.vocab_size(), seed);
+    let mut eng = Engine::new(
+        model.clone(),
+        EngineOptions {
+            positions: PositionMode::Trained,
+            max_batch: w.batch,
+            ..Default::default()
+        },
+    );
+    let start = Instant::now();
+    for p in prompts {
+        eng.add(GenRequest::greedy(p, w.new_tokens))?;
+    }
+    let mut kv = 0;
+    let mut produced = 0;
+    while !eng.is_idle() {
+        let events = eng.step()?;
+        kv = kv.max(eng.kv_cache_bytes());
+        produced += events.iter().map(|e| e.tokens.len()).sum::<usize>();
+    }
+    let secs = start.elapsed().as_secs_f64();
+    if produced != w.batch * w.new_tokens {
+        return Err(Error::input(
+            "bench",
+            format!(
+                "the engine produced {produced} tokens, expected {} x {}",
+                w.batch, w.new_tokens
+            ),
+        ));
+    }
+    Ok((secs, eng.stats(), kv))
+}
+
+/// Benchmarks `model` on workload `w` (its setting named by [`Setting::of`]): `spec.warmup` untimed runs, then `spec.runs` timed
+/// ones; the roofline bound when a probed machine is given. `rss_load` is the process's
+/// resident memory before and after the model was loaded (for the expected memory; zeros if
+/// unknown).
+pub fn bench_model(
+    model: &Arc<Model>,
+    name: &str,
+    w: Workload,
+    spec: &BenchSpec,
+    machine: Option<&Machine>,
+    rss_load: (usize, usize),
+    mut progress: impl FnMut(&str),
+) -> Result<BenchRow> {
+    if w.batch == 0 {
+        return Err(Error::input("--batch-size", "must be at least 1"));
+    }
+    check_lengths(model, w.prompt_len, w.new_tokens)?;
+    let setting = Setting::of(w.prompt_len, w.new_tokens).name();
+    trim_heap();
+    let peak_reset = reset_peak_rss();
+    let mut kv_max = 0;
+    for i in 0..spec.warmup {
+        let t = Instant::now();
+        let (_, _, kv) = run_once(model, &w, spec.seed)?;
+        kv_max = kv_max.max(kv);
+        progress(&format!(
+            "{name} {setting} batch {}: warm-up {}/{} {:.2} s",
+            w.batch,
+            i + 1,
+            spec.warmup,
+            t.elapsed().as_secs_f64()
+        ));
+    }
+    let mut runs = Vec::new();
+    for i in 0..spec.runs.max(1) {
+        let (secs, stats, kv) = run_once(model, &w, spec.seed.wrapping_add(1 + i as u64))?;
+        kv_max = kv_max.max(kv);
+        let tps = (w.batch * w.new_tokens) as f64 / secs;
+        progress(&format!(
+            "{name} {setting} batch {}: run {}/{} {secs:.2} s, {tps:.1} tokens/s",
+            w.batch,
+            i + 1,
+            spec.runs.max(1)
+        ));
+        runs.push(RunMeasure {
+            seconds: secs,
+            tokens_per_s: tps,
+            stats,
+        });
+    }
+    let (_, hwm) = rss();
+    let mut order: Vec<usize> = (0..runs.len()).collect();
+    order.sort_by(|&a, &b| runs[a].seconds.total_cmp(&runs[b].seconds));
+    let med = &runs[order[(order.len() - 1) / 2]];
+    let mm = memory_model(model, w.prompt_len, w.new_tokens);
+    if kv_max == 0 {
+        kv_max = mm.kv_per_sample * w.batch;
+    }
+    let activations = mm.activations_per_sample * w.batch;
+    let base_rss = rss_load.0;
+    let expected = base_rss + mm.weights + kv_max + activations;
+    let bound = machine.map(|m| Roofline::bound(&model.config, &w, m));
+    let efficiency = bound
+        .filter(|b| b.tokens_per_s > 0.0)
+        .map(|b| med.tokens_per_s / b.tokens_per_s);
+    Ok(BenchRow {
+        model: name.to_string(),
+        setting,
+        batch: w.batch,
+        prompt_len: w.prompt_len,
+        new_tokens: w.new_tokens,
+        tokens_per_s: med.tokens_per_s,
+        ms_per_token: 1000.0 * med.seconds / w.new_tokens as f64,
+        seconds: med.seconds,
+        tokens_per_s_min: runs[order[order.len() - 1]].tokens_per_s,
+        tokens_per_s_max: runs[order[0]].tokens_per_s,
+        stats: med.stats,
+        kv_bytes_per_sample: kv_max / w.batch,
+        memory: MemoryReport {
+            peak_rss: hwm,
+            peak_reset,
+            base_rss,
+            weights: mm.weights,
+            model_rss: rss_load.1.saturating_sub(rss_load.0),
+            kv_cache: kv_max,
+            activations,
+            expected,
+            ratio: if expected > 0 {
+                hwm as f64 / expected as f64
+            } else {
+                0.0
+            },
+        },
+        bound,
+        efficiency,
+        runs,
+    })
+}
+
+/// The largest batch (at most `max_batch`) whose weights, caches and activations plus
+/// `overhead` fit in `budget` bytes, and a sentence saying why.
+pub fn auto_batch(
+    model: &Model,
+    prompt_len: usize,
+    new_tokens: usize,
+    budget: usize,
+    overhead: usize,
+    max_batch: usize,
+) -> Result<(usize, String)> {
+    let mm = memory_model(model, prompt_len, new_tokens);
+    let per = mm.kv_per_sample + mm.activations_per_sample;
+    match mm.largest_batch(budget, overhead, max_batch) {
+        Some(b) => {
+            let capped = b == max_batch || (max_batch > 8 && b == max_batch / 8 * 8);
+            let why = format!(
+                "batch {b}: {} weights + {} process + {b} x {} per sample (KV {} + activations {}) = {} of the {} budget{}",
+                report::bytes(mm.weights),
+                report::bytes(overhead),
+                report::bytes(per),
+                report::bytes(mm.kv_per_sample),
+                report::bytes(mm.activations_per_sample),
+                report::bytes(mm.total(b) + overhead),
+                report::bytes(budget),
+                if capped {
+                    format!(" (capped by --max-batch {max_batch})")
+                } else {
+                    String::new()
+                }
+            );
+            Ok((b, why))
+        }
+        None => Err(Error::input(
+            "--memory-budget",
+            format!(
+                "{} does not fit even one row: weights {} + process {} + one row {}",
+                report::bytes(budget),
+                report::bytes(mm.weights),
+                report::bytes(overhead),
+                report::bytes(per)
+            ),
+        )),
+    }
+}
+
+/// Throughput of model A over model B at each batch size both ran (and setting).
+#[derive(Clone, Debug, Serialize)]
+pub struct Ratio {
+    pub setting: String,
+    pub batch_a: usize,
+    pub batch_b: usize,
+    pub tokens_per_s_a: f64,
+    pub tokens_per_s_b: f64,
+    /// A / B.
+    pub ratio: f64,
+}
+
+/// Pairs A's and B's rows of the same setting: same batch sizes when both ran them, else
+/// in order (e.g. each at its own auto-tuned batch).
+pub fn ratios(a: &[BenchRow], b: &[BenchRow]) -> Vec<Ratio> {
+    let mut out = Vec::new();
+    let mut settings: Vec<&str> = a.iter().map(|r| r.setting.as_str()).collect();
+    settings.dedup();
+    for s in settings {
+        let ra: Vec<&BenchRow> = a.iter().filter(|r| r.setting == s).collect();
+        let rb: Vec<&BenchRow> = b.iter().filter(|r| r.setting == s).collect();
+        let mut pairs: Vec<(&BenchRow, &BenchRow)> = ra
+            .iter()
+            .filter_map(|x| rb.iter().find(|y| y.batch == x.batch).map(|y| (*x, *y)))
+            .collect();
+        if pairs.is_empty() {
+            pairs = ra.iter().copied().zip(rb.iter().copied()).collect();
+        }
+        for (x, y) in pairs {
+            out.push(Ratio {
+                setting: s.to_string(),
+                batch_a: x.batch,
+                batch_b: y.batch,
+                tokens_per_s_a: x.tokens_per_s,
+                tokens_per_s_b: y.tokens_per_s,
+                ratio: x.tokens_per_s / y.tokens_per_s,
+            });
+        }
+    }
+    out
+}
+
+/// Everything a `bench` invocation measured.
+#[derive(Clone, Debug, Serialize)]
+pub struct BenchReport {
+    pub machine: Option<Machine>,
+    pub threads: usize,
+    pub runs: usize,
+    pub warmup: usize,
+    pub rows: Vec<BenchRow>,
+    /// With `--compare A B`: A / B.
+    pub compare: Option<(String, String)>,
+    pub ratios: Vec<Ratio>,
+    /// How batch sizes were chosen, lengths shortened, and the like.
+    pub notes: Vec<String>,
+}

@@ -1,0 +1,580 @@
+//! Roofline model of a generation run: how fast this machine could possibly run it.
+//!
+//! - [`Machine`]: this machine's achievable f32 matmul FLOP/s and memory bandwidth, measured by
+//!   a short probe ([`Machine::probe`]) and cached as JSON ([`Machine::load_or_probe`]).
+//! - [`cost`]: every kernel of every engine step of a run (embedder, dense layers, attention,
+//!   LM head), with its FLOPs and the bytes it must move (weights read once per call, KV caches
+//!   read and written, logits written and read back).
+//! - [`Roofline::bound`]: `sum over model calls of max(FLOPs / peak, bytes / bandwidth)`, a
+//!   lower bound on the run's wall time (calls run one after another; within a call compute
+//!   and memory traffic are allowed to overlap), hence an upper bound on its throughput. The
+//!   stricter per-kernel sum is reported too (`kernel_seconds`).
+//!
+//! The engine's step structure is followed exactly (see `docs/bench.md`): a block model's first
+//! step runs the block decoder over all `ceil(P / L)` prompt blocks (left-padded), later steps
+//! over one block; each step then decodes one block with the token decoder: a prefix step over
+//! `R` positions and `L - 1` one-token steps, each followed by the LM head. A vanilla model's
+//! first step runs the whole prompt (LM head on the last position only), then one token a step.
+
+use crate::config::{ModelConfig, NeoXConfig, Projection};
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+use std::time::Instant;
+
+const F32: f64 = 4.0;
+
+/// Sizes of one generation run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Workload {
+    /// Rows decoded together.
+    pub batch: usize,
+    /// Prompt tokens per row.
+    pub prompt_len: usize,
+    /// Generated tokens per row (no early stop).
+    pub new_tokens: usize,
+}
+
+/// Which part of the model a kernel belongs to (the engine's time split).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Part {
+    /// Block models: token lookup and concat/projection of new blocks; vanilla: token lookup.
+    Embedder,
+    /// Block models: the block decoder; vanilla models: the decoder stack.
+    BlockDecoder,
+    /// Block models: expansion, token-decoder layers and LM head.
+    TokenDecoder,
+    /// Vanilla models: the LM head.
+    LmHead,
+}
+
+/// What a kernel does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    Embed,
+    /// Weight matmuls of a layer stack (and the expansion layer).
+    Dense,
+    /// Cached attention: rotary, KV writes, `QK^T` and `PV` over the cache.
+    Attention,
+    /// LM head and the logits the sampler reads back.
+    LmHead,
+}
+
+/// One kernel of one engine step.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct Kernel {
+    /// Engine step (0-based); step 0 prefills.
+    pub step: usize,
+    /// Model call (0-based over the run): one block-decoder call (embedder, layers,
+    /// attention), one token-decoder call (layers, attention, LM head) per token position
+    /// (the first one also expands the prefix), one vanilla call per step.
+    pub call: usize,
+    pub part: Part,
+    pub kind: Kind,
+    pub flops: f64,
+    pub bytes: f64,
+}
+
+impl Kernel {
+    pub fn prefill(&self) -> bool {
+        self.step == 0
+    }
+}
+
+/// Attention FLOPs of `n` new positions over a cache that already holds `past` positions, for
+/// `layers` layers of width `w`: position `i` attends to `past + i + 1` keys, `QK^T` and `PV`
+/// cost `2 w` FLOPs per key each.
+fn attn_flops(layers: usize, w: usize, past: usize, n: usize) -> f64 {
+    // sum_{i=1..n} 4 w (past + i) = 4 w (n past + n (n + 1) / 2)
+    let keys = (n * past) as f64 + (n * (n + 1)) as f64 / 2.0;
+    4.0 * (layers * w) as f64 * keys
+}
+
+/// Bytes of the cache traffic of `n` new positions after `past`: every key and value of the
+/// `past + n` positions is read once (the new ones are written once too).
+fn attn_bytes(layers: usize, w: usize, past: usize, n: usize) -> f64 {
+    F32 * (2 * layers * w) as f64 * ((past + n) + n) as f64
+}
+
+/// The kernels of a generation run, in order, for `rows` rows.
+pub fn cost(cfg: &ModelConfig, w: &Workload) -> Vec<Kernel> {
+    let mut out = Vec::new();
+    let b = w.batch as f64;
+    if w.batch == 0 || w.new_tokens == 0 || w.prompt_len == 0 {
+        return out;
+    }
+    match cfg {
+        ModelConfig::Block(c) => {
+            let l = c.block_length;
+            let n_p = w.prompt_len.div_ceil(l);
+            let steps = w.new_tokens.div_ceil(l);
+            let bd = &c.block_decoder;
+            let td = &c.token_decoder;
+            let (d, h, r, v) = (bd.hidden_size, td.hidden_size, c.n_prefix(), td.vocab_size);
+            let d_e = c.embedder.hidden_size;
+            let (n_bd, n_td) = (bd.layer_params() as f64, td.layer_params() as f64);
+            let (lb, lt) = (bd.num_hidden_layers, td.num_hidden_layers);
+            let lm_head = |step: usize, rows: f64| Kernel {
+                step,
+                call: 0,
+                part: Part::TokenDecoder,
+                kind: Kind::LmHead,
+                flops: 2.0 * rows * (v * h) as f64,
+                bytes: F32 * (v * h) as f64 + 2.0 * F32 * rows * v as f64,
+            };
+            for s in 0..steps {
+                // Block decoder over the new blocks: all prompt blocks, then one block.
+                let (past, new) = if s == 0 { (0, n_p) } else { (n_p + s - 1, 1) };
+                let tokens = b * (new * l) as f64;
+                let proj = match c.embedder.projection_method {
+                    Projection::Concat => 0.0,
+                    Projection::ProjectionLayer => (d * l * d_e + d) as f64,
+                };
+                out.push(Kernel {
+                    step: s,
+                    call: 0,
+                    part: Part::Embedder,
+                    kind: Kind::Embed,
+                    flops: 2.0 * b * new as f64 * proj,
+                    bytes: 2.0 * F32 * tokens * d_e as f64 + F32 * proj,
+                });
+                out.push(Kernel {
+                    step: s,
+                    call: 0,
+                    part: Part::BlockDecoder,
+                    kind: Kind::Dense,
+                    flops: 2.0 * b * new as f64 * n_bd,
+                    bytes: F32 * n_bd,
+                });
+                out.push(Kernel {
+                    step: s,
+                    call: 0,
+                    part: Part::BlockDecoder,
+                    kind: Kind::Attention,
+                    flops: b * attn_flops(lb, d, past, new),
+                    bytes: b * attn_bytes(lb, d, past, new),
+                });
+                // Token decoder: expansion, prefix step over R positions, LM head; then one
+                // step per further token of the block.
+                let want = (w.new_tokens - s * l).min(l);
+                out.push(Kernel {
+                    step: s,
+                    call: 0,
+                    part: Part::TokenDecoder,
+                    kind: Kind::Dense,
+                    flops: 2.0 * b * (d * r * h) as f64 + 2.0 * b * r as f64 * n_td,
+                    bytes: F32 * ((d + 1) * r * h) as f64 + F32 * n_td,
+                });
+                out.push(Kernel {
+                    step: s,
+                    call: 0,
+                    part: Part::TokenDecoder,
+                    kind: Kind::Attention,
+                    flops: b * attn_flops(lt, h, 0, r),
+                    bytes: b * attn_bytes(lt, h, 0, r),
+                });
+                out.push(lm_head(s, b));
+                for k in 1..want {
+                    out.push(Kernel {
+                        step: s,
+                        call: 0,
+                        part: Part::TokenDecoder,
+                        kind: Kind::Dense,
+                        flops: 2.0 * b * n_td,
+                        bytes: F32 * n_td + F32 * b * h as f64,
+                    });
+                    out.push(Kernel {
+                        step: s,
+                        call: 0,
+                        part: Part::TokenDecoder,
+                        kind: Kind::Attention,
+                        flops: b * attn_flops(lt, h, r + k - 1, 1),
+                        bytes: b * attn_bytes(lt, h, r + k - 1, 1),
+                    });
+                    out.push(lm_head(s, b));
+                }
+            }
+        }
+        ModelConfig::Vanilla(c) => {
+            let (wd, v, lv) = (c.hidden_size, c.vocab_size, c.num_hidden_layers);
+            let n = c.layer_params() as f64;
+            for s in 0..w.new_tokens {
+                let (past, new) = if s == 0 {
+                    (0, w.prompt_len)
+                } else {
+                    (w.prompt_len + s - 1, 1)
+                };
+                out.push(Kernel {
+                    step: s,
+                    call: 0,
+                    part: Part::Embedder,
+                    kind: Kind::Embed,
+                    flops: 0.0,
+                    bytes: 2.0 * F32 * b * (new * wd) as f64,
+                });
+                out.push(Kernel {
+                    step: s,
+                    call: 0,
+                    part: Part::BlockDecoder,
+                    kind: Kind::Dense,
+                    flops: 2.0 * b * new as f64 * n,
+                    bytes: F32 * n,
+                });
+                out.push(Kernel {
+                    step: s,
+                    call: 0,
+                    part: Part::BlockDecoder,
+                    kind: Kind::Attention,
+                    flops: b * attn_flops(lv, wd, past, new),
+                    bytes: b * attn_bytes(lv, wd, past, new),
+                });
+                out.push(Kernel {
+                    step: s,
+                    call: 0,
+                    part: Part::LmHead,
+                    kind: Kind::LmHead,
+                    flops: 2.0 * b * (v * wd) as f64,
+                    bytes: F32 * (v * wd) as f64 + 2.0 * F32 * b * v as f64,
+                });
+            }
+        }
+    }
+    // Number the model calls: each starts with an embedding or a token-decoder layer pass.
+    let mut call = 0;
+    for (i, k) in out.iter_mut().enumerate() {
+        let starts =
+            k.kind == Kind::Embed || (k.part == Part::TokenDecoder && k.kind == Kind::Dense);
+        if starts && i > 0 {
+            call += 1;
+        }
+        k.call = call;
+    }
+    out
+}
+
+/// Engine steps of a run: one per block (block models) or per token (vanilla).
+pub fn engine_steps(cfg: &ModelConfig, new_tokens: usize) -> usize {
+    match cfg {
+        ModelConfig::Block(c) => new_tokens.div_ceil(c.block_length),
+        ModelConfig::Vanilla(_) => new_tokens,
+    }
+}
+
+/// The roofline bound of a run on a machine.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+pub struct Roofline {
+    pub flops: f64,
+    pub bytes: f64,
+    /// `sum max(FLOPs / peak, bytes / bandwidth)` over the run's model calls.
+    pub seconds: f64,
+    /// The same summed over single kernels (dense layers, attention, LM head apart): a
+    /// tighter bound, for kernels that cannot overlap.
+    pub kernel_seconds: f64,
+    /// The same, prefill step only / later steps only.
+    pub prefill_s: f64,
+    pub decode_s: f64,
+    /// By part (the engine's time split).
+    pub embedder_s: f64,
+    pub block_decoder_s: f64,
+    pub token_decoder_s: f64,
+    pub lm_head_s: f64,
+    /// Seconds of the calls that are memory-bound (bytes / bandwidth > FLOPs / peak).
+    pub memory_bound_s: f64,
+    /// Of which reading and writing KV caches.
+    pub kv_s: f64,
+    /// Generated tokens / seconds.
+    pub tokens_per_s: f64,
+}
+
+impl Roofline {
+    /// The bound: `sum over model calls of max(FLOPs / peak, bytes / bandwidth)` (the
+    /// issue's definition: within one call, compute and memory traffic may overlap), with
+    /// the per-kernel variant in `kernel_seconds`.
+    pub fn bound(cfg: &ModelConfig, w: &Workload, m: &Machine) -> Roofline {
+        let kernels = cost(cfg, w);
+        let mut r = Roofline::default();
+        let mut i = 0;
+        while i < kernels.len() {
+            let call = kernels[i].call;
+            let j = kernels[i..]
+                .iter()
+                .position(|k| k.call != call)
+                .map_or(kernels.len(), |n| i + n);
+            let ks = &kernels[i..j];
+            let flops: f64 = ks.iter().map(|k| k.flops).sum();
+            let bytes: f64 = ks.iter().map(|k| k.bytes).sum();
+            let (tc, tm) = (flops / m.flops, bytes / m.bandwidth);
+            let t = tc.max(tm);
+            r.flops += flops;
+            r.bytes += bytes;
+            r.seconds += t;
+            if ks[0].prefill() {
+                r.prefill_s += t;
+            } else {
+                r.decode_s += t;
+            }
+            // The call's time split over its kernels in proportion to their own bounds.
+            let own: Vec<f64> = ks
+                .iter()
+                .map(|k| (k.flops / m.flops).max(k.bytes / m.bandwidth))
+                .collect();
+            let total: f64 = own.iter().sum();
+            r.kernel_seconds += total;
+            for (k, o) in ks.iter().zip(&own) {
+                let share = if total > 0.0 { t * o / total } else { 0.0 };
+                match k.part {
+                    Part::Embedder => r.embedder_s += share,
+                    Part::BlockDecoder => r.block_decoder_s += share,
+                    Part::TokenDecoder => r.token_decoder_s += share,
+                    Part::LmHead => r.lm_head_s += share,
+                }
+            }
+            if tm > tc {
+                r.memory_bound_s += t;
+                r.kv_s += ks
+                    .iter()
+                    .filter(|k| k.kind == Kind::Attention)
+                    .map(|k| k.bytes / m.bandwidth)
+                    .sum::<f64>();
+            }
+            i = j;
+        }
+        if r.seconds > 0.0 {
+            r.tokens_per_s = (w.batch * w.new_tokens) as f64 / r.seconds;
+        }
+        r
+    }
+}
+
+/// Memory a run needs, by the same accounting as the cost model (bytes).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct MemoryModel {
+    /// Parameters held (f32).
+    pub weights: usize,
+    /// KV caches of one row as the engine allocates them (block decoder over the prompt and
+    /// generated blocks + one, token decoder over `R + L - 1`; vanilla over `P + G`).
+    pub kv_per_sample: usize,
+    /// The largest step's live activations per row (prefill: hidden states, QKV, MLP
+    /// intermediate, the logits and their host copy).
+    pub activations_per_sample: usize,
+}
+
+impl MemoryModel {
+    pub fn new(cfg: &ModelConfig, prompt_len: usize, new_tokens: usize) -> MemoryModel {
+        let f = std::mem::size_of::<f32>();
+        let stack_act = |c: &NeoXConfig, n: usize| {
+            // x, LN out, QKV (3W), attention out, dense out, MLP intermediate and its GELU,
+            // MLP out, residual sum.
+            n * (9 * c.hidden_size + 2 * c.intermediate_size) * f
+        };
+        match cfg {
+            ModelConfig::Block(c) => {
+                let l = c.block_length;
+                let n_p = prompt_len.div_ceil(l);
+                let bd = &c.block_decoder;
+                let td = &c.token_decoder;
+                let blocks = n_p + new_tokens.div_ceil(l) + 1;
+                let kv_bd = 2 * bd.num_hidden_layers * blocks * bd.hidden_size * f;
+                let kv_td = 2
+                    * td.num_hidden_layers
+                    * (c.n_prefix() + l.saturating_sub(1))
+                    * td.hidden_size
+                    * f;
+                let logits = 2 * td.vocab_size * f;
+                let act = (stack_act(bd, n_p) + n_p * l * c.embedder.hidden_size * f)
+                    .max(stack_act(td, c.n_prefix()))
+                    + logits;
+                MemoryModel {
+                    weights: cfg.total_params() * f,
+                    kv_per_sample: kv_bd + kv_td,
+                    activations_per_sample: act,
+                }
+            }
+            ModelConfig::Vanilla(c) => {
+                let kv = 2 * c.num_hidden_layers * (prompt_len + new_tokens) * c.hidden_size * f;
+                MemoryModel {
+                    weights: cfg.total_params() * f,
+                    kv_per_sample: kv,
+                    activations_per_sample: stack_act(c, prompt_len) + 2 * c.vocab_size * f,
+                }
+            }
+        }
+    }
+
+    /// Weights + caches + activations of `batch` rows.
+    pub fn total(&self, batch: usize) -> usize {
+        self.weights + batch * (self.kv_per_sample + self.activations_per_sample)
+    }
+
+    /// The largest batch whose [`MemoryModel::total`] plus `overhead` fits `budget`: exact up
+    /// to 8, then a multiple of 8; at most `max_batch`. `None` if not even one row fits.
+    pub fn largest_batch(&self, budget: usize, overhead: usize, max_batch: usize) -> Option<usize> {
+        let fixed = self.weights + overhead;
+        let per = (self.kv_per_sample + self.activations_per_sample).max(1);
+        if budget < fixed + per || max_batch == 0 {
+            return None;
+        }
+        let b = ((budget - fixed) / per).min(max_batch);
+        Some(if b > 8 { b / 8 * 8 } else { b })
+    }
+}
+
+/// This machine's achievable speeds, as measured by [`Machine::probe`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Machine {
+    /// f32 matmul FLOP/s (best of a few `N x N x N` products through candle).
+    pub flops: f64,
+    /// Memory bandwidth in bytes/s used by the bound: the better of `read_bandwidth` and
+    /// `copy_bandwidth`.
+    pub bandwidth: f64,
+    /// Streaming read of a large buffer (a reduction), bytes/s.
+    pub read_bandwidth: f64,
+    /// Copy of a large buffer, read + written bytes per second.
+    pub copy_bandwidth: f64,
+    pub cpu: String,
+    pub threads: usize,
+    /// Matmul size and buffer size of the probe.
+    pub matmul_n: usize,
+    pub buffer_mib: usize,
+    /// Seconds since the Unix epoch when probed.
+    pub probed_at: u64,
+}
+
+/// Where the probe came from.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ProbeSource {
+    Cache(PathBuf),
+    Measured(Option<PathBuf>),
+}
+
+pub fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|x| x.trim().to_string())
+        })
+        .unwrap_or_else(|| std::env::consts::ARCH.to_string())
+}
+
+/// `$XDG_CACHE_HOME/blockformer/probe.json`, else `~/.cache/blockformer/probe.json`.
+pub fn default_cache_path() -> Option<PathBuf> {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
+    Some(base.join("blockformer").join("probe.json"))
+}
+
+impl Machine {
+    /// Measures matmul FLOP/s (`n x n x n`, best of `reps`) and bandwidth over a buffer of
+    /// `buffer_mib` MiB (best of `reps`), on rayon's current thread count.
+    pub fn probe_with(n: usize, buffer_mib: usize, reps: usize) -> crate::Result<Machine> {
+        use candle_core::{Device, Tensor};
+        use rayon::prelude::*;
+        let reps = reps.max(1);
+        let dev = Device::Cpu;
+        let a = Tensor::randn(0f32, 1.0, (n, n), &dev)?;
+        let b = Tensor::randn(0f32, 1.0, (n, n), &dev)?;
+        let _ = a.matmul(&b)?; // warm-up: thread pool, page faults
+        let mut best = f64::MAX;
+        for _ in 0..reps {
+            let t = Instant::now();
+            let c = a.matmul(&b)?;
+            best = best.min(t.elapsed().as_secs_f64());
+            drop(c);
+        }
+        let flops = 2.0 * (n as f64).powi(3) / best;
+
+        let len = buffer_mib * (1 << 20) / 4;
+        let src: Vec<f32> = (0..len).into_par_iter().map(|i| (i % 7) as f32).collect();
+        let mut dst = vec![0f32; len];
+        let chunk = (len / (4 * rayon::current_num_threads().max(1))).max(1 << 14);
+        let read_once = |s: &[f32]| -> f32 {
+            s.par_chunks(chunk)
+                .map(|c| {
+                    // 64 independent lanes: four vector adds in flight per load.
+                    let mut acc = [0f32; 64];
+                    let mut it = c.chunks_exact(64);
+                    for x in &mut it {
+                        for (a, v) in acc.iter_mut().zip(x) {
+                            *a += v;
+                        }
+                    }
+                    acc.iter().sum::<f32>() + it.remainder().iter().sum::<f32>()
+                })
+                .sum()
+        };
+        let copy_once = |d: &mut [f32], s: &[f32]| {
+            d.par_chunks_mut(chunk)
+                .zip(s.par_chunks(chunk))
+                .for_each(|(d, s)| d.copy_from_slice(s));
+        };
+        copy_once(&mut dst, &src); // fault the destination in
+        let mut sink = read_once(&src);
+        let (mut best_read, mut best_copy) = (f64::MAX, f64::MAX);
+        for _ in 0..reps {
+            let t = Instant::now();
+            sink += read_once(&src);
+            best_read = best_read.min(t.elapsed().as_secs_f64());
+            let t = Instant::now();
+            copy_once(&mut dst, &src);
+            best_copy = best_copy.min(t.elapsed().as_secs_f64());
+        }
+        std::hint::black_box((sink, &dst));
+        let bytes = (len * 4) as f64;
+        let read_bandwidth = bytes / best_read;
+        let copy_bandwidth = 2.0 * bytes / best_copy;
+        Ok(Machine {
+            flops,
+            bandwidth: read_bandwidth.max(copy_bandwidth),
+            read_bandwidth,
+            copy_bandwidth,
+            cpu: cpu_model(),
+            threads: rayon::current_num_threads(),
+            matmul_n: n,
+            buffer_mib,
+            probed_at: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+        })
+    }
+
+    /// The standard probe: 1024^3 matmul and a 256 MiB buffer, best of 5 (a few seconds).
+    pub fn probe() -> crate::Result<Machine> {
+        Self::probe_with(1024, 256, 5)
+    }
+
+    /// The cached probe for this CPU and thread count, or a fresh one (then cached). A cache
+    /// that cannot be written is not an error.
+    pub fn load_or_probe(
+        cache: Option<&std::path::Path>,
+        reprobe: bool,
+    ) -> crate::Result<(Machine, ProbeSource)> {
+        let threads = rayon::current_num_threads();
+        let cpu = cpu_model();
+        if let (Some(p), false) = (cache, reprobe) {
+            if let Some(m) = std::fs::read_to_string(p)
+                .ok()
+                .and_then(|s| serde_json::from_str::<Machine>(&s).ok())
+                .filter(|m| {
+                    m.threads == threads && m.cpu == cpu && m.flops > 0.0 && m.bandwidth > 0.0
+                })
+            {
+                return Ok((m, ProbeSource::Cache(p.to_path_buf())));
+            }
+        }
+        let m = Self::probe()?;
+        let saved = cache.and_then(|p| {
+            let dir = p.parent()?;
+            std::fs::create_dir_all(dir).ok()?;
+            std::fs::write(p, serde_json::to_string_pretty(&m).ok()?).ok()?;
+            Some(p.to_path_buf())
+        });
+        Ok((m, ProbeSource::Measured(saved)))
+    }
+}

@@ -1,0 +1,411 @@
+//! `blockformer bench`: the paper's throughput benchmark with a roofline bound.
+
+use anyhow::{bail, Context};
+use blockformer::bench::roofline::{default_cache_path, Machine, ProbeSource, Roofline, Workload};
+use blockformer::bench::{self, report, BenchReport, BenchSpec, Setting};
+use blockformer::checkpoint;
+use blockformer::config;
+use blockformer::model::Model;
+use candle_core::Device;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SettingArg {
+    /// Prompt 2048, 128 new tokens.
+    PrefillHeavy,
+    /// Prompt 128, 2048 new tokens.
+    DecodeHeavy,
+    /// --prompt-len and --new-tokens.
+    Custom,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Preset(s) with random weights (e.g. block_main_b4_85,vanilla_70); with --model, the
+    /// architecture of that checkpoint.
+    #[arg(long, value_delimiter = ',')]
+    pub preset: Vec<String>,
+    /// Model folder (config.json + model.safetensors) or .safetensors file.
+    #[arg(long, conflicts_with = "compare")]
+    pub model: Option<PathBuf>,
+    /// Benchmark two models (each a preset name or a model folder) and print A/B throughput.
+    #[arg(long, num_args = 2, value_names = ["A", "B"], conflicts_with = "preset")]
+    pub compare: Vec<String>,
+    /// Setting(s): prefill-heavy (2048+128), decode-heavy (128+2048), custom (--prompt-len,
+    /// --new-tokens). Default: both paper settings, or custom when lengths are given.
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub setting: Vec<SettingArg>,
+    /// Prompt tokens per row (custom setting).
+    #[arg(long)]
+    pub prompt_len: Option<usize>,
+    /// Generated tokens per row (custom setting).
+    #[arg(long)]
+    pub new_tokens: Option<usize>,
+    /// Batch size(s), e.g. 1,8,64. Default: the largest batch that fits --memory-budget.
+    #[arg(long, value_delimiter = ',', conflicts_with = "memory_budget")]
+    pub batch_size: Vec<usize>,
+    /// Memory for weights, KV caches and activations when auto-tuning the batch: 8GiB, 512MiB,
+    /// bytes, or a share of available memory such as 60% (default).
+    #[arg(long)]
+    pub memory_budget: Option<String>,
+    /// Upper limit of the auto-tuned batch.
+    #[arg(long, default_value_t = 256)]
+    pub max_batch: usize,
+    /// Timed runs per measurement.
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    /// Untimed warm-up runs per measurement.
+    #[arg(long, default_value_t = 1)]
+    pub warmup: usize,
+    /// Seed of the random prompts.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Seed of the random weights (presets).
+    #[arg(long, default_value_t = 0)]
+    pub weights_seed: u64,
+    /// Print the report as JSON (stdout) instead of tables.
+    #[arg(long)]
+    pub json: bool,
+    /// Write an SVG chart of throughput against batch size.
+    #[arg(long)]
+    pub chart: Option<PathBuf>,
+    /// Measure the machine again instead of using the cached probe.
+    #[arg(long)]
+    pub reprobe: bool,
+    /// Skip the roofline (no probe, no bound).
+    #[arg(long, conflicts_with = "reprobe")]
+    pub no_roofline: bool,
+    /// Where the probe is cached (default $XDG_CACHE_HOME/blockformer/probe.json or
+    /// ~/.cache/blockformer/probe.json).
+    #[arg(long)]
+    pub probe_cache: Option<PathBuf>,
+    /// Override the probe's matmul speed (GFLOP/s), e.g. to compute another machine's bound.
+    #[arg(long, conflicts_with = "no_roofline")]
+    pub peak_gflops: Option<f64>,
+    /// Override the probe's memory bandwidth (GB/s).
+    #[arg(long, conflicts_with = "no_roofline")]
+    pub bandwidth_gbs: Option<f64>,
+    /// Print the roofline bound and the memory model only; run nothing.
+    #[arg(long, conflicts_with = "no_roofline")]
+    pub dry_run: bool,
+    /// Print only the report (no progress lines on stderr).
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+/// A model to benchmark: a preset (random weights) or a checkpoint.
+#[derive(Clone, Debug)]
+enum Source {
+    Preset(String),
+    Checkpoint(PathBuf, Option<String>),
+}
+
+impl Source {
+    fn parse(s: &str) -> anyhow::Result<Source> {
+        let p = Path::new(s);
+        if p.exists() {
+            return Ok(Source::Checkpoint(p.to_path_buf(), None));
+        }
+        if config::PRESETS.contains(&s) {
+            return Ok(Source::Preset(s.to_string()));
+        }
+        bail!(
+            "--compare: `{s}` is neither a model folder nor a preset; presets: {}",
+            config::PRESETS.join(", ")
+        )
+    }
+
+    fn name(&self) -> String {
+        match self {
+            Source::Preset(p) => p.clone(),
+            Source::Checkpoint(p, _) => {
+                let p = if p.file_name().is_some_and(|f| f == "model.safetensors") {
+                    p.parent().unwrap_or(p)
+                } else {
+                    p
+                };
+                p.file_name()
+                    .map(|f| f.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| p.display().to_string())
+            }
+        }
+    }
+
+    fn load(&self, weights_seed: u64) -> anyhow::Result<Model> {
+        match self {
+            Source::Preset(p) => {
+                let cfg = config::preset(p)?;
+                Ok(Model::random(&cfg, weights_seed, &Device::Cpu)?)
+            }
+            Source::Checkpoint(path, preset) => {
+                Ok(checkpoint::load(path, preset.as_deref(), None, &Device::Cpu)?.model)
+            }
+        }
+    }
+}
+
+fn settings(a: &Args) -> anyhow::Result<Vec<Setting>> {
+    let lengths = a.prompt_len.is_some() || a.new_tokens.is_some();
+    let mut chosen = a.setting.clone();
+    if chosen.is_empty() {
+        chosen = if lengths {
+            vec![SettingArg::Custom]
+        } else {
+            vec![SettingArg::PrefillHeavy, SettingArg::DecodeHeavy]
+        };
+    }
+    if lengths && !chosen.contains(&SettingArg::Custom) {
+        bail!("--prompt-len and --new-tokens belong to --setting custom (the paper settings fix their lengths)");
+    }
+    let mut out = Vec::new();
+    for s in chosen {
+        out.push(match s {
+            SettingArg::PrefillHeavy => Setting::PrefillHeavy,
+            SettingArg::DecodeHeavy => Setting::DecodeHeavy,
+            SettingArg::Custom => {
+                let (Some(p), Some(g)) = (a.prompt_len, a.new_tokens) else {
+                    bail!("--setting custom needs both --prompt-len and --new-tokens");
+                };
+                if p == 0 {
+                    bail!("--prompt-len must be at least 1");
+                }
+                if g == 0 {
+                    bail!("--new-tokens must be at least 1");
+                }
+                Setting::Custom {
+                    prompt_len: p,
+                    new_tokens: g,
+                }
+            }
+        });
+    }
+    Ok(out)
+}
+
+pub fn run(a: Args) -> anyhow::Result<()> {
+    // Everything that can be checked without loading a model comes first.
+    let sources: Vec<Source> = if !a.compare.is_empty() {
+        a.compare
+            .iter()
+            .map(|s| Source::parse(s))
+            .collect::<anyhow::Result<_>>()?
+    } else if let Some(m) = &a.model {
+        if a.preset.len() > 1 {
+            bail!("--model takes at most one --preset (its architecture)");
+        }
+        vec![Source::Checkpoint(m.clone(), a.preset.first().cloned())]
+    } else if !a.preset.is_empty() {
+        for p in &a.preset {
+            config::preset(p)?;
+        }
+        a.preset.iter().map(|p| Source::Preset(p.clone())).collect()
+    } else {
+        bail!("no model: give --preset NAME, --model DIR or --compare A B");
+    };
+    let settings = settings(&a)?;
+    if let Some(b) = a.batch_size.iter().find(|&&b| b == 0) {
+        bail!("--batch-size {b}: batch sizes must be at least 1");
+    }
+    if a.runs == 0 {
+        bail!("--runs must be at least 1");
+    }
+    if a.max_batch == 0 {
+        bail!("--max-batch must be at least 1");
+    }
+    let budget = if a.batch_size.is_empty() {
+        let avail = bench::mem_available();
+        let s = a.memory_budget.as_deref().unwrap_or("60%");
+        Some(report::parse_bytes(s, avail).map_err(|e| anyhow::anyhow!("--memory-budget {e}"))?)
+    } else {
+        None
+    };
+    if let Some(c) = &a.chart {
+        if c.extension().is_none_or(|e| !e.eq_ignore_ascii_case("svg")) {
+            bail!(
+                "--chart {}: only SVG charts are written (name the file .svg)",
+                c.display()
+            );
+        }
+    }
+    let quiet = a.quiet;
+    let say = |m: &str| {
+        if !quiet {
+            eprintln!("{m}");
+        }
+    };
+
+    let machine = if a.no_roofline {
+        None
+    } else {
+        let cache = a.probe_cache.clone().or_else(default_cache_path);
+        let given = a.peak_gflops.is_some() && a.bandwidth_gbs.is_some();
+        if !given && (a.reprobe || cache.as_ref().is_none_or(|p| !p.exists())) {
+            say("probing this machine's matmul FLOP/s and memory bandwidth (a few seconds)...");
+        }
+        let (mut m, src) = if given {
+            let t = rayon::current_num_threads();
+            (
+                Machine {
+                    flops: 0.0,
+                    bandwidth: 0.0,
+                    read_bandwidth: 0.0,
+                    copy_bandwidth: 0.0,
+                    cpu: "given by --peak-gflops and --bandwidth-gbs".into(),
+                    threads: t,
+                    matmul_n: 0,
+                    buffer_mib: 0,
+                    probed_at: 0,
+                },
+                None,
+            )
+        } else {
+            let (m, src) = Machine::load_or_probe(cache.as_deref(), a.reprobe)?;
+            (m, Some(src))
+        };
+        if let Some(f) = a.peak_gflops {
+            if f.is_nan() || f <= 0.0 {
+                bail!("--peak-gflops must be positive");
+            }
+            m.flops = f * 1e9;
+        }
+        if let Some(b) = a.bandwidth_gbs {
+            if b.is_nan() || b <= 0.0 {
+                bail!("--bandwidth-gbs must be positive");
+            }
+            (m.bandwidth, m.read_bandwidth, m.copy_bandwidth) = (b * 1e9, b * 1e9, b * 1e9);
+        }
+        say(&match src {
+            Some(ProbeSource::Cache(p)) => format!("machine probe: cached in {}", p.display()),
+            Some(ProbeSource::Measured(Some(p))) => {
+                format!("machine probe: measured, saved to {}", p.display())
+            }
+            Some(ProbeSource::Measured(None)) => "machine probe: measured (not cached)".to_string(),
+            None => "machine: as given".to_string(),
+        });
+        say(&format!(
+            "  {} ({} threads): matmul {:.1} GFLOP/s, bandwidth {:.1} GB/s",
+            m.cpu,
+            m.threads,
+            m.flops / 1e9,
+            m.bandwidth / 1e9
+        ));
+        Some(m)
+    };
+
+    let spec = BenchSpec {
+        runs: a.runs,
+        warmup: a.warmup,
+        seed: a.seed,
+    };
+    let mut rows_by_model = Vec::new();
+    let mut notes = Vec::new();
+    let mut bounds = Vec::new();
+    for src in &sources {
+        let name = src.name();
+        bench::trim_heap();
+        let (base_rss, _) = bench::rss();
+        let model = Arc::new(
+            src.load(a.weights_seed)
+                .with_context(|| format!("loading {name}"))?,
+        );
+        let (loaded_rss, _) = bench::rss();
+        let mut rows = Vec::new();
+        for s in &settings {
+            let (p, g) = s.lengths();
+            bench::check_lengths(&model, p, g).with_context(|| format!("{name}, {}", s.name()))?;
+            let batches = match budget {
+                None => a.batch_size.clone(),
+                Some(budget) => {
+                    let (b, why) = bench::auto_batch(&model, p, g, budget, base_rss, a.max_batch)
+                        .with_context(|| format!("{name}, {}", s.name()))?;
+                    let note = format!("{name} {}: {why}", s.name());
+                    say(&note);
+                    notes.push(note);
+                    vec![b]
+                }
+            };
+            for b in batches {
+                let w = Workload {
+                    batch: b,
+                    prompt_len: p,
+                    new_tokens: g,
+                };
+                if a.dry_run {
+                    let m = machine.as_ref().expect("dry runs have a machine");
+                    let mm = bench::memory_model(&model, p, g);
+                    bounds.push(report::BoundLine {
+                        model: name.clone(),
+                        setting: s.name(),
+                        workload: w,
+                        bound: Roofline::bound(&model.config, &w, m),
+                        memory: mm.total(b) + base_rss,
+                        kv_per_sample: mm.kv_per_sample,
+                    });
+                    continue;
+                }
+                let row = bench::bench_model(
+                    &model,
+                    &name,
+                    w,
+                    &spec,
+                    machine.as_ref(),
+                    (base_rss, loaded_rss),
+                    |m| say(m),
+                )?;
+                rows.push(row);
+            }
+        }
+        drop(model);
+        rows_by_model.push(rows);
+    }
+    if a.dry_run {
+        if a.json {
+            println!("{}", serde_json::to_string_pretty(&bounds)?);
+        } else {
+            if let Some(m) = &machine {
+                println!(
+                    "roofline at matmul {:.1} GFLOP/s, bandwidth {:.1} GB/s ({} threads)\n",
+                    m.flops / 1e9,
+                    m.bandwidth / 1e9,
+                    m.threads
+                );
+            }
+            print!("{}", report::bound_table(&bounds));
+        }
+        return Ok(());
+    }
+    let (compare, ratios) = if sources.len() == 2 && !a.compare.is_empty() {
+        (
+            Some((sources[0].name(), sources[1].name())),
+            bench::ratios(&rows_by_model[0], &rows_by_model[1]),
+        )
+    } else {
+        (None, Vec::new())
+    };
+    let rep = BenchReport {
+        machine,
+        threads: rayon::current_num_threads(),
+        runs: a.runs,
+        warmup: a.warmup,
+        rows: rows_by_model.into_iter().flatten().collect(),
+        compare,
+        ratios,
+        notes,
+    };
+    if let Some(path) = &a.chart {
+        let title = match &rep.compare {
+            Some((x, y)) => format!("Throughput vs batch size: {x} vs {y}"),
+            None => "Throughput vs batch size".to_string(),
+        };
+        std::fs::write(path, bench::chart::svg(&rep.rows, &title))
+            .with_context(|| format!("writing {}", path.display()))?;
+        say(&format!("chart written to {}", path.display()));
+    }
+    if a.json {
+        println!("{}", report::json(&rep));
+    } else {
+        print!("{}", report::text(&rep));
+    }
+    Ok(())
+}

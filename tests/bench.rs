@@ -1,0 +1,531 @@
+//! `blockformer bench`: the cost model against hand-computed numbers, the runner on tiny
+//! models, batch auto-tuning, and the command line (tiny models, tiny lengths).
+
+use blockformer::bench::roofline::{cost, Kind, Machine, MemoryModel, Part, Roofline, Workload};
+use blockformer::bench::{self, chart, report, BenchReport, BenchSpec, Setting};
+use blockformer::config::{BlockConfig, EmbedderConfig, ModelConfig, NeoXConfig, Projection};
+use blockformer::model::Model;
+use candle_core::Device;
+use std::process::Command;
+use std::sync::Arc;
+
+fn tiny_neox() -> NeoXConfig {
+    // layer_params = 4*4 + (3*16 + 12) + (16 + 4) + (32 + 8) + (32 + 4) + 2*4 = 180
+    // (rotary_pct 0.5: an even number of rotary dims at head dim 4)
+    NeoXConfig {
+        rotary_pct: 0.5,
+        ..NeoXConfig::pythia(10, 1, 4, 1, 8)
+    }
+}
+
+fn tiny_block() -> BlockConfig {
+    BlockConfig {
+        embedder: EmbedderConfig {
+            vocab_size: 10,
+            hidden_size: 2,
+            projection_method: Projection::Concat,
+        },
+        block_decoder: tiny_neox(),
+        token_decoder: tiny_neox(),
+        expansion_ratio: 1,
+        ..BlockConfig::main(2, 10, 1, 4)
+    }
+}
+
+fn machine(flops: f64, bandwidth: f64) -> Machine {
+    Machine {
+        flops,
+        bandwidth,
+        read_bandwidth: bandwidth,
+        copy_bandwidth: bandwidth,
+        cpu: "test".into(),
+        threads: 1,
+        matmul_n: 0,
+        buffer_mib: 0,
+        probed_at: 0,
+    }
+}
+
+#[test]
+fn vanilla_cost_matches_hand_computation() {
+    let cfg = ModelConfig::Vanilla(tiny_neox());
+    assert_eq!(tiny_neox().layer_params(), 180);
+    let w = Workload {
+        batch: 2,
+        prompt_len: 3,
+        new_tokens: 2,
+    };
+    let k = cost(&cfg, &w);
+    assert_eq!(k.len(), 8, "2 steps x (embed, dense, attention, LM head)");
+    let fb: Vec<(f64, f64)> = k.iter().map(|k| (k.flops, k.bytes)).collect();
+    // Step 0 (prefill of 3 tokens, 2 rows):
+    //   embed: read + write 2*3 vectors of 4 floats = 192 B
+    //   dense: 2*2*3*180 FLOPs, weights 4*180 B
+    //   attention: keys 1+2+3 = 6, 4*W*keys*B = 4*4*6*2 FLOPs; KV write 3 + read 3 positions
+    //              x (K, V) x W x 4 B x 2 rows = 384 B
+    //   LM head (last position): 2*2*10*4 FLOPs; weights 160 B + logits written and read 160 B
+    // Step 1 (1 token over a cache of 3):
+    //   embed 64 B; dense 720 FLOPs / 720 B; attention keys 4: 128 FLOPs, (4 + 1) x 2 x 4 x 4 x 2
+    //   = 320 B; LM head as before.
+    let want = [
+        (0.0, 192.0),
+        (2160.0, 720.0),
+        (192.0, 384.0),
+        (160.0, 320.0),
+        (0.0, 64.0),
+        (720.0, 720.0),
+        (128.0, 320.0),
+        (160.0, 320.0),
+    ];
+    assert_eq!(fb, want);
+    assert!(k[..4].iter().all(|k| k.prefill()) && !k[4].prefill());
+    // One model call per step; max(F/peak, B/bw) per call at 1000 FLOP/s and 1000 B/s:
+    // step 0: F 2512, B 1616 -> 2.512 s (compute); step 1: F 1008, B 1424 -> 1.424 s (memory).
+    assert!(k.iter().all(|x| x.call == x.step));
+    let r = Roofline::bound(&cfg, &w, &machine(1000.0, 1000.0));
+    assert!((r.seconds - 3.936).abs() < 1e-9, "{}", r.seconds);
+    assert!((r.prefill_s - 2.512).abs() < 1e-9);
+    assert!((r.decode_s - 1.424).abs() < 1e-9);
+    assert!((r.tokens_per_s - 4.0 / 3.936).abs() < 1e-9);
+    assert_eq!(r.flops, 3520.0);
+    assert_eq!(r.bytes, 3040.0);
+    // Per kernel: 0.192 + 2.16 + 0.384 + 0.32 + 0.064 + 0.72 + 0.32 + 0.32 = 4.48 s.
+    assert!((r.kernel_seconds - 4.48).abs() < 1e-9);
+    // Step 1 is memory-bound; its KV traffic takes 320 B / 1000 B/s.
+    assert!((r.memory_bound_s - 1.424).abs() < 1e-9);
+    assert!((r.kv_s - 0.32).abs() < 1e-9, "{}", r.kv_s);
+    let parts = r.embedder_s + r.block_decoder_s + r.lm_head_s;
+    assert!((parts - r.seconds).abs() < 1e-9 && r.token_decoder_s == 0.0);
+    // LM head: all of step 1's share (0.32 of 1.424), 0.32 / 3.056 of step 0's 2.512 s.
+    assert!((r.lm_head_s - (0.32 + 2.512 * 0.32 / 3.056)).abs() < 1e-9);
+}
+
+#[test]
+fn block_cost_follows_the_engine_steps() {
+    let c = tiny_block();
+    let cfg = ModelConfig::Block(c.clone());
+    cfg.validate("tiny").unwrap();
+    // P = 3 -> padded to 4 = 2 blocks; G = 3 -> 2 engine steps (2 tokens, then 1).
+    let w = Workload {
+        batch: 2,
+        prompt_len: 3,
+        new_tokens: 3,
+    };
+    let k = cost(&cfg, &w);
+    // Step 0: embed, bd dense, bd attention, td prefix dense, td attention, LM head, then one
+    // more token: dense, attention, LM head. Step 1: the first six only (1 token wanted).
+    assert_eq!(k.len(), 9 + 6);
+    assert_eq!(k.iter().filter(|k| k.kind == Kind::LmHead).count(), 3);
+    assert_eq!(k.iter().filter(|k| k.prefill()).count(), 9);
+    let (b, n) = (2.0, 180.0);
+    // Embedder: 2 rows x 2 blocks x 2 tokens x d_e 2, read and written.
+    assert_eq!((k[0].flops, k[0].bytes), (0.0, 2.0 * 4.0 * 8.0 * 2.0));
+    // Block decoder over 2 prompt blocks.
+    assert_eq!(k[1].part, Part::BlockDecoder);
+    assert_eq!((k[1].flops, k[1].bytes), (2.0 * b * 2.0 * n, 4.0 * n));
+    // Causal attention over 2 blocks: keys 1 + 2 = 3; KV 2 written + 2 read.
+    assert_eq!(
+        (k[2].flops, k[2].bytes),
+        (b * 4.0 * 4.0 * 3.0, b * 4.0 * 2.0 * 4.0 * 4.0)
+    );
+    // Token decoder prefix step: expansion D x R*H plus R = 1 position through the stack;
+    // the expansion weights and bias and the layers are read once.
+    assert_eq!(k[3].part, Part::TokenDecoder);
+    assert_eq!(
+        (k[3].flops, k[3].bytes),
+        (2.0 * b * 16.0 + 2.0 * b * n, 4.0 * 20.0 + 4.0 * n)
+    );
+    // LM head: 2 rows x V 10 x H 4.
+    assert_eq!(
+        (k[5].flops, k[5].bytes),
+        (2.0 * b * 40.0, 160.0 + 2.0 * 4.0 * b * 10.0)
+    );
+    // Second token of the block: one position over the prefix: keys 2.
+    assert_eq!(
+        (k[6].flops, k[6].bytes),
+        (2.0 * b * n, 4.0 * n + 4.0 * b * 4.0)
+    );
+    assert_eq!(
+        (k[7].flops, k[7].bytes),
+        (b * 4.0 * 4.0 * 2.0, b * 4.0 * 2.0 * 4.0 * 3.0)
+    );
+    // Step 1: the block decoder runs the generated block over 2 cached blocks: keys 3.
+    assert_eq!((k[10].flops, k[10].bytes), (2.0 * b * n, 4.0 * n));
+    assert_eq!(
+        (k[11].flops, k[11].bytes),
+        (b * 4.0 * 4.0 * 3.0, b * 4.0 * 2.0 * 4.0 * 4.0)
+    );
+    // Calls: block decoder, token decoder (prefix), token decoder (token 1); then the block
+    // decoder and the token decoder (prefix) of step 1.
+    let calls: Vec<usize> = k.iter().map(|k| k.call).collect();
+    assert_eq!(calls, [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3, 4, 4, 4]);
+    let r = Roofline::bound(&cfg, &w, &machine(1e3, 1e3));
+    let per_kernel: f64 = k.iter().map(|k| (k.flops / 1e3).max(k.bytes / 1e3)).sum();
+    let per_call: f64 = (0..5)
+        .map(|c| {
+            let f: f64 = k.iter().filter(|k| k.call == c).map(|k| k.flops).sum();
+            let b: f64 = k.iter().filter(|k| k.call == c).map(|k| k.bytes).sum();
+            (f / 1e3).max(b / 1e3)
+        })
+        .sum();
+    assert!((r.seconds - per_call).abs() < 1e-9);
+    assert!((r.kernel_seconds - per_kernel).abs() < 1e-9);
+    assert!(r.kernel_seconds >= r.seconds);
+    assert!((r.embedder_s + r.block_decoder_s + r.token_decoder_s - r.seconds).abs() < 1e-9);
+}
+
+#[test]
+fn memory_model_and_auto_tune() {
+    let cfg = ModelConfig::Block(tiny_block());
+    let mm = MemoryModel::new(&cfg, 3, 3);
+    // Block decoder: 2 prompt blocks + 2 generated + 1 = 5 blocks x K,V x 4 wide x 4 B;
+    // token decoder: R + L - 1 = 2 positions.
+    assert_eq!(mm.kv_per_sample, 5 * 2 * 4 * 4 + 2 * 2 * 4 * 4);
+    let per = mm.kv_per_sample + mm.activations_per_sample;
+    assert_eq!(
+        mm.largest_batch(mm.weights + 100 + 3 * per, 100, 1000),
+        Some(3)
+    );
+    assert_eq!(
+        mm.largest_batch(mm.weights + 100 + 21 * per, 100, 1000),
+        Some(16)
+    );
+    assert_eq!(
+        mm.largest_batch(mm.weights + 100 + 21 * per, 100, 5),
+        Some(5)
+    );
+    assert_eq!(mm.largest_batch(mm.weights + per - 1, 0, 1000), None);
+
+    let model = Model::random(&cfg, 0, &Device::Cpu).unwrap();
+    let mm = bench::memory_model(&model, 3, 3);
+    assert_eq!(mm.weights, bench::weight_bytes(&model));
+    let per = mm.kv_per_sample + mm.activations_per_sample;
+    let (b, why) = bench::auto_batch(&model, 3, 3, mm.weights + 7 * per + 50, 50, 256).unwrap();
+    assert_eq!(b, 7, "{why}");
+    assert!(why.contains("batch 7"), "{why}");
+    let e = bench::auto_batch(&model, 3, 3, mm.weights / 2, 0, 256)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("--memory-budget") && e.contains("one row"),
+        "{e}"
+    );
+}
+
+#[test]
+fn sizes_parse() {
+    assert_eq!(report::parse_bytes("8GiB", None), Ok(8 << 30));
+    assert_eq!(report::parse_bytes("512M", None), Ok(512 << 20));
+    assert_eq!(report::parse_bytes("1.5 GB", None), Ok(3 << 29));
+    assert_eq!(report::parse_bytes("1000", None), Ok(1000));
+    assert_eq!(report::parse_bytes("50%", Some(1000)), Ok(500));
+    assert!(report::parse_bytes("lots", None).is_err());
+    assert!(report::parse_bytes("8 parsecs", None).is_err());
+    assert!(report::parse_bytes("150%", Some(1000)).is_err());
+    assert_eq!(report::bytes(1536), "1.5 KiB");
+    assert_eq!(Setting::of(2048, 128), Setting::PrefillHeavy);
+    assert_eq!(Setting::DecodeHeavy.lengths(), (128, 2048));
+    assert_eq!(Setting::of(8, 8).name(), "8+8");
+}
+
+fn tiny_models() -> Vec<(&'static str, Arc<Model>)> {
+    let block = ModelConfig::Block(BlockConfig::main(4, 300, 1, 64));
+    let vanilla = ModelConfig::Vanilla(NeoXConfig::pythia(300, 1, 64, 2, 256));
+    vec![
+        (
+            "tiny_block",
+            Arc::new(Model::random(&block, 0, &Device::Cpu).unwrap()),
+        ),
+        (
+            "tiny_vanilla",
+            Arc::new(Model::random(&vanilla, 0, &Device::Cpu).unwrap()),
+        ),
+    ]
+}
+
+#[test]
+fn runner_measures_tiny_models() {
+    let m = machine(1e10, 1e10);
+    let spec = BenchSpec {
+        runs: 2,
+        warmup: 1,
+        seed: 3,
+    };
+    let mut rows = Vec::new();
+    for (name, model) in tiny_models() {
+        for batch in [1, 2] {
+            let w = Workload {
+                batch,
+                prompt_len: 8,
+                new_tokens: 8,
+            };
+            let mut lines = 0;
+            let r = bench::bench_model(&model, name, w, &spec, Some(&m), (0, 0), |_| lines += 1)
+                .unwrap();
+            assert_eq!(lines, 3, "one progress line per run");
+            assert_eq!(r.runs.len(), 2);
+            assert_eq!(r.setting, "8+8");
+            assert!(r.tokens_per_s > 0.0 && r.tokens_per_s.is_finite());
+            assert!(r.tokens_per_s_min <= r.tokens_per_s && r.tokens_per_s <= r.tokens_per_s_max);
+            assert_eq!(r.stats.tokens, batch * 8);
+            let bound = r.bound.unwrap();
+            assert!(bound.tokens_per_s > 0.0);
+            assert!(r.efficiency.unwrap() > 0.0);
+            // The memory model's KV bytes are what the engine allocates.
+            let mm = bench::memory_model(&model, 8, 8);
+            assert_eq!(r.kv_bytes_per_sample, mm.kv_per_sample, "{name}");
+            assert!(r.memory.peak_rss > 0 && r.memory.expected >= mm.weights);
+            rows.push(r);
+        }
+    }
+    let rep = BenchReport {
+        machine: Some(m),
+        threads: 1,
+        runs: 2,
+        warmup: 1,
+        ratios: bench::ratios(&rows[..2], &rows[2..]),
+        compare: Some(("tiny_block".into(), "tiny_vanilla".into())),
+        rows,
+        notes: vec![],
+    };
+    assert_eq!(rep.ratios.len(), 2);
+    assert_eq!(rep.ratios[1].batch_a, 2);
+    let v: serde_json::Value = serde_json::from_str(&report::json(&rep)).unwrap();
+    assert_eq!(v["rows"].as_array().unwrap().len(), 4);
+    assert!(v["rows"][0]["tokens_per_s"].as_f64().unwrap() > 0.0);
+    assert!(v["rows"][0]["bound"]["tokens_per_s"].as_f64().unwrap() > 0.0);
+    assert!(v["rows"][3]["stats"]["lm_head_s"].as_f64().is_some());
+    let text = report::text(&rep);
+    assert!(text.contains("tiny_vanilla") && text.contains("tiny_block / tiny_vanilla"));
+    let svg = chart::svg(&rep.rows, "t");
+    assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+    assert_eq!(svg.matches("<polyline").count(), 4, "2 lines + 2 bounds");
+    assert_eq!(svg.matches("<svg").count(), 1);
+}
+
+#[test]
+fn probe_measures_positive_speeds() {
+    let m = Machine::probe_with(64, 4, 1).unwrap();
+    assert!(m.flops > 0.0 && m.bandwidth > 0.0 && m.threads >= 1);
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("sub").join("probe.json");
+    // (the standard probe takes seconds: only the cached path is exercised here)
+    std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+    let cached = Machine {
+        threads: rayon::current_num_threads(),
+        cpu: blockformer::bench::roofline::cpu_model(),
+        ..machine(1.5e10, 2.5e10)
+    };
+    std::fs::write(&p, serde_json::to_string(&cached).unwrap()).unwrap();
+    let (got, src) = Machine::load_or_probe(Some(&p), false).unwrap();
+    assert_eq!(got, cached);
+    assert!(matches!(
+        src,
+        blockformer::bench::roofline::ProbeSource::Cache(_)
+    ));
+}
+
+fn bf(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_blockformer"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn cli_compares_two_model_folders() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut paths = Vec::new();
+    for (name, model) in tiny_models() {
+        let p = dir.path().join(name);
+        blockformer::checkpoint::save(&model, &p, None).unwrap();
+        paths.push(p.display().to_string());
+    }
+    // A cached probe for 1 thread, so the command does not measure the machine.
+    let probe = dir.path().join("probe.json");
+    let m = Machine {
+        threads: 1,
+        cpu: blockformer::bench::roofline::cpu_model(),
+        ..machine(2e10, 1e10)
+    };
+    std::fs::write(&probe, serde_json::to_string(&m).unwrap()).unwrap();
+    let chart = dir.path().join("c.svg");
+    let (ok, out, err) = bf(&[
+        "bench",
+        "--threads",
+        "1",
+        "--compare",
+        &paths[0],
+        &paths[1],
+        "--prompt-len",
+        "8",
+        "--new-tokens",
+        "8",
+        "--batch-size",
+        "1,2",
+        "--runs",
+        "1",
+        "--warmup",
+        "0",
+        "--probe-cache",
+        probe.to_str().unwrap(),
+        "--chart",
+        chart.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    assert!(err.contains("cached in"), "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["rows"].as_array().unwrap().len(), 4);
+    assert_eq!(v["ratios"].as_array().unwrap().len(), 2);
+    assert_eq!(v["compare"][0], "tiny_block");
+    assert!(v["rows"][0]["efficiency"].as_f64().unwrap() > 0.0);
+    assert_eq!(v["machine"]["flops"].as_f64(), Some(2e10));
+    let svg = std::fs::read_to_string(&chart).unwrap();
+    assert!(svg.contains("tiny_vanilla") && svg.contains("</svg>"));
+
+    // The bound alone, at given speeds.
+    let (ok, out, err) = bf(&[
+        "bench",
+        "--threads",
+        "1",
+        "--model",
+        &paths[0],
+        "--prompt-len",
+        "8",
+        "--new-tokens",
+        "8",
+        "--batch-size",
+        "4",
+        "--dry-run",
+        "--peak-gflops",
+        "100",
+        "--bandwidth-gbs",
+        "20",
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let model =
+        blockformer::checkpoint::load(std::path::Path::new(&paths[0]), None, None, &Device::Cpu)
+            .unwrap()
+            .model;
+    let w = Workload {
+        batch: 4,
+        prompt_len: 8,
+        new_tokens: 8,
+    };
+    let want = Roofline::bound(&model.config, &w, &machine(1e11, 2e10));
+    let got = v[0]["bound"]["tokens_per_s"].as_f64().unwrap();
+    assert!(
+        (got / want.tokens_per_s - 1.0).abs() < 1e-9,
+        "{got} vs {}",
+        want.tokens_per_s
+    );
+
+    // Tables, auto-tuned batch, no roofline.
+    let (ok, out, err) = bf(&[
+        "bench",
+        "--threads",
+        "1",
+        "--model",
+        &paths[1],
+        "--setting",
+        "custom",
+        "--prompt-len",
+        "4",
+        "--new-tokens",
+        "4",
+        "--memory-budget",
+        "4GiB",
+        "--max-batch",
+        "3",
+        "--runs",
+        "1",
+        "--no-roofline",
+    ]);
+    assert!(ok, "{err}");
+    assert!(err.contains("batch 3") && err.contains("capped"), "{err}");
+    assert!(
+        out.contains("tokens/s") && out.contains("tiny_vanilla"),
+        "{out}"
+    );
+    assert!(out.contains("peak RSS"), "{out}");
+}
+
+#[test]
+fn cli_rejects_bad_flags() {
+    let cases: &[(&[&str], &str)] = &[
+        (&["bench", "--preset", "nope"], "unknown preset"),
+        (
+            &["bench", "--compare", "nope", "vanilla_31"],
+            "neither a model folder nor a preset",
+        ),
+        (
+            &["bench", "--preset", "vanilla_31", "--batch-size", "0"],
+            "at least 1",
+        ),
+        (
+            &[
+                "bench",
+                "--preset",
+                "vanilla_31",
+                "--batch-size",
+                "8",
+                "--memory-budget",
+                "1GiB",
+            ],
+            "cannot be used with",
+        ),
+        (
+            &["bench", "--preset", "vanilla_31", "--setting", "custom"],
+            "--prompt-len",
+        ),
+        (
+            &[
+                "bench",
+                "--preset",
+                "vanilla_31",
+                "--prompt-len",
+                "8",
+                "--setting",
+                "decode-heavy",
+            ],
+            "belong to --setting custom",
+        ),
+        (
+            &["bench", "--preset", "vanilla_31", "--memory-budget", "lots"],
+            "--memory-budget",
+        ),
+        (
+            &["bench", "--preset", "vanilla_31", "--chart", "x.png"],
+            "SVG",
+        ),
+        (&["bench"], "no model"),
+        (
+            &[
+                "bench",
+                "--preset",
+                "vanilla_31",
+                "--prompt-len",
+                "4096",
+                "--new-tokens",
+                "1",
+                "--batch-size",
+                "1",
+                "--no-roofline",
+            ],
+            "longer than the model's context",
+        ),
+    ];
+    for (args, want) in cases {
+        let (ok, _, err) = bf(args);
+        assert!(!ok, "{args:?} should fail");
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
+}
