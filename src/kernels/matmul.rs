@@ -1,4 +1,4 @@
-//! Skinny matmul `y[M, N] = x[M, K] · w[K, N] + b` for the small `M` of decoding (one row per
+//! Skinny matmul `y[M, N] += x[M, K] · w[K, N]` for the small `M` of decoding (one row per
 //! sequence in the batch). At these shapes the weights are read once per call and the time is
 //! memory traffic: this kernel streams each weight row once, where the general `gemm` path
 //! reaches only about half the memory bandwidth at `M = 1` (the LM head of `block_main_b4_85`,
@@ -16,33 +16,26 @@ pub const SKINNY_MAX_ROWS: usize = 2;
 const STRIP: usize = 256;
 
 /// `y = x w + bias`; `x` is `[m, k]`, `w` is `[k, n]`, `y` is `[m, n]`, all row-major.
-pub fn matmul_skinny(
-    x: &[f32],
-    w: &[f32],
-    bias: Option<&[f32]>,
-    m: usize,
-    k: usize,
-    n: usize,
-    y: &mut [f32],
-) {
+pub fn matmul_skinny(x: &[f32], w: &[f32], m: usize, k: usize, n: usize, y: &mut [f32]) {
     assert_eq!(x.len(), m * k);
     assert_eq!(w.len(), k * n);
     assert_eq!(y.len(), m * n);
-    if let Some(b) = bias {
-        assert_eq!(b.len(), n);
-    }
     // Each task owns a column strip of every output row: gather per-strip outputs, then scatter.
     let threads = rayon::current_num_threads().max(1);
     let width = STRIP
         .min(n.div_ceil(4 * threads).next_multiple_of(16))
         .max(16);
     let strips: Vec<usize> = (0..n).step_by(width).collect();
+    let y_in: &[f32] = y;
     let parts: Vec<Vec<f32>> = strips
         .par_iter()
         .map(|&c0| {
             let c1 = (c0 + width).min(n);
-            let mut part = vec![0f32; m * (c1 - c0)];
-            strip(x, w, bias, m, k, n, c0, c1, &mut part);
+            let mut part = Vec::with_capacity(m * (c1 - c0));
+            for r in 0..m {
+                part.extend_from_slice(&y_in[r * n + c0..r * n + c1]);
+            }
+            strip(x, w, m, k, n, c0, c1, &mut part);
             part
         })
         .collect();
@@ -58,7 +51,6 @@ pub fn matmul_skinny(
 fn strip(
     x: &[f32],
     w: &[f32],
-    bias: Option<&[f32]>,
     m: usize,
     k: usize,
     n: usize,
@@ -70,14 +62,14 @@ fn strip(
     {
         if std::is_x86_feature_detected!("avx512f") {
             // SAFETY: the CPU supports AVX-512F.
-            return unsafe { strip_avx512(x, w, bias, m, k, n, c0, c1, out) };
+            return unsafe { strip_avx512(x, w, m, k, n, c0, c1, out) };
         }
         if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
             // SAFETY: the CPU supports AVX2 and FMA.
-            return unsafe { strip_avx2(x, w, bias, m, k, n, c0, c1, out) };
+            return unsafe { strip_avx2(x, w, m, k, n, c0, c1, out) };
         }
     }
-    strip_generic(x, w, bias, m, k, n, c0, c1, out)
+    strip_generic(x, w, m, k, n, c0, c1, out)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -86,7 +78,6 @@ fn strip(
 unsafe fn strip_avx512(
     x: &[f32],
     w: &[f32],
-    bias: Option<&[f32]>,
     m: usize,
     k: usize,
     n: usize,
@@ -94,7 +85,7 @@ unsafe fn strip_avx512(
     c1: usize,
     out: &mut [f32],
 ) {
-    strip_generic(x, w, bias, m, k, n, c0, c1, out)
+    strip_generic(x, w, m, k, n, c0, c1, out)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -103,7 +94,6 @@ unsafe fn strip_avx512(
 unsafe fn strip_avx2(
     x: &[f32],
     w: &[f32],
-    bias: Option<&[f32]>,
     m: usize,
     k: usize,
     n: usize,
@@ -111,7 +101,7 @@ unsafe fn strip_avx2(
     c1: usize,
     out: &mut [f32],
 ) {
-    strip_generic(x, w, bias, m, k, n, c0, c1, out)
+    strip_generic(x, w, m, k, n, c0, c1, out)
 }
 
 /// Output columns `c0..c1` of every row into `out` (`[m, c1 - c0]`): the accumulators stay in
@@ -121,7 +111,6 @@ unsafe fn strip_avx2(
 fn strip_generic(
     x: &[f32],
     w: &[f32],
-    bias: Option<&[f32]>,
     m: usize,
     k: usize,
     n: usize,
@@ -130,13 +119,6 @@ fn strip_generic(
     out: &mut [f32],
 ) {
     let s = c1 - c0;
-    for r in 0..m {
-        let a = &mut out[r * s..(r + 1) * s];
-        match bias {
-            Some(b) => a.copy_from_slice(&b[c0..c1]),
-            None => a.fill(0.0),
-        }
-    }
     let row = |kk: usize| &w[kk * n + c0..kk * n + c1];
     let mut kk = 0;
     while kk + 4 <= k {
@@ -170,19 +152,11 @@ fn strip_generic(
     }
 }
 
-/// Reference twin: the textbook triple loop.
-pub fn matmul_reference(
-    x: &[f32],
-    w: &[f32],
-    bias: Option<&[f32]>,
-    m: usize,
-    k: usize,
-    n: usize,
-    y: &mut [f32],
-) {
+/// Reference twin: the textbook triple loop, `y += x w`.
+pub fn matmul_reference(x: &[f32], w: &[f32], m: usize, k: usize, n: usize, y: &mut [f32]) {
     for r in 0..m {
         for j in 0..n {
-            let mut s = bias.map_or(0.0, |b| b[j]);
+            let mut s = y[r * n + j];
             for kk in 0..k {
                 s += x[r * k + kk] * w[kk * n + j];
             }
@@ -210,10 +184,10 @@ mod tests {
             let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0..1.0)).collect();
             let w: Vec<f32> = (0..k * n).map(|_| rng.random_range(-1.0..1.0)).collect();
             let b: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
-            for bias in [None, Some(b.as_slice())] {
-                let (mut y, mut z) = (vec![0.0; m * n], vec![0.0; m * n]);
-                matmul_skinny(&x, &w, bias, m, k, n, &mut y);
-                matmul_reference(&x, &w, bias, m, k, n, &mut z);
+            for init in [vec![0.0; m * n], b.repeat(m)] {
+                let (mut y, mut z) = (init.clone(), init);
+                matmul_skinny(&x, &w, m, k, n, &mut y);
+                matmul_reference(&x, &w, m, k, n, &mut z);
                 for (a, b) in y.iter().zip(&z) {
                     assert!(
                         (a - b).abs() <= 1e-4 * (1.0 + b.abs()),

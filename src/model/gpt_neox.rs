@@ -20,7 +20,7 @@ use super::{Init, WeightSource};
 use crate::config::NeoXConfig;
 use crate::error::Result;
 use crate::kernels::attention::{self, KvCache, KvDtype, Rotary, RowSpec};
-use crate::kernels::matmul;
+use crate::kernels::{matmul, ops};
 use candle_core::{DType, Device, Tensor, D};
 
 /// Dense layer `y = x W^T + b`; the weight is held as `W^T` (`[in, out]`, contiguous).
@@ -93,12 +93,11 @@ impl Linear {
             return Ok(None);
         };
         let w = &w_cpu.as_slice::<f32>()?[w0..w1];
-        let bias: Option<Vec<f32>> = match &self.bias {
-            Some(b) => Some(b.to_vec1()?),
-            None => None,
+        let mut y = match &self.bias {
+            Some(b) => b.to_vec1::<f32>()?.repeat(rows),
+            None => vec![0f32; rows * n],
         };
-        let mut y = vec![0f32; rows * n];
-        matmul::matmul_skinny(&xv, w, bias.as_deref(), rows, k, n, &mut y);
+        matmul::matmul_skinny(&xv, w, rows, k, n, &mut y);
         Ok(Some(Tensor::from_vec(y, (rows, n), x.device())?))
     }
 }
@@ -331,7 +330,9 @@ impl NeoX {
     /// - `rows[r]`, `caches[r]`: how many positions row `r` brings, their rotary positions,
     ///   and the row's cache (advanced by `n_new`).
     ///
-    /// Returns final-LayerNorm hidden states `[N, W]`.
+    /// Returns final-LayerNorm hidden states `[N, W]`. Runs on host buffers with fused biases
+    /// and residuals (no per-op tensor allocation); numerically the same layer as
+    /// [`NeoX::forward`].
     pub fn forward_cached(
         &self,
         x: &Tensor,
@@ -340,22 +341,28 @@ impl NeoX {
     ) -> Result<Tensor> {
         let (n, w) = x.dims2()?;
         let (nh, hd) = self.heads();
-        let act = self.cfg.hidden_act.as_str();
-        let mut h = x.clone();
-        let mut out = vec![0f32; n * w];
-        // Long fresh prompts take the matmul path for attention.
+        let f = self.cfg.intermediate_size;
+        let eps = self.cfg.layer_norm_eps as f32;
+        let exact_gelu = self.cfg.hidden_act == "gelu";
+        let mut h: Vec<f32> = x.flatten_all()?.to_vec1()?; // residual stream [N, W]
+        let mut a = vec![0f32; n * w]; // LayerNorm output
+        let mut qkv = vec![0f32; n * 3 * w];
+        let mut o = vec![0f32; n * w]; // attention output
+        let mut m = vec![0f32; n * f]; // MLP hidden
+                                       // Long fresh prompts take the matmul path for attention.
         let dense: Vec<bool> = rows
             .iter()
             .zip(caches.iter())
             .map(|(r, c)| c.len == 0 && r.n_new >= DENSE_PREFILL_MIN)
             .collect();
         for (li, layer) in self.layers.iter().enumerate() {
-            let a = layer.input_layernorm.forward_fused(&h)?;
-            let qkv = layer.query_key_value.forward(&a)?;
-            let qkv = qkv.flatten_all()?.to_vec1::<f32>()?;
+            let lw = HostLayer::new(layer)?;
+            ops::layer_norm(&h, lw.ln_in.0.get(), lw.ln_in.1.get(), eps, &mut a);
+            ops::fill_rows(&mut qkv, lw.qkv.1.get());
+            ops::matmul_acc(&a, lw.qkv.0.get(), n, w, 3 * w, &mut qkv);
             attention::cached_attention_split(
                 &qkv,
-                &mut out,
+                &mut o,
                 rows,
                 caches,
                 li,
@@ -367,24 +374,108 @@ impl NeoX {
             let mut first = 0;
             for (r, spec) in rows.iter().enumerate() {
                 if dense[r] {
-                    let q = &mut out[first * w..(first + spec.n_new) * w];
+                    let q = &mut o[first * w..(first + spec.n_new) * w];
                     attention::prefill_dense(q, caches[r], li, spec.n_new)?;
                 }
                 first += spec.n_new;
             }
-            let o = Tensor::from_slice(&out, (n, w), h.device())?;
-            let attn = layer.dense.forward(&o)?;
-            h = if self.cfg.use_parallel_residual {
-                let mlp = layer.mlp(&layer.post_attention_layernorm.forward_fused(&h)?, act)?;
-                ((h + attn)? + mlp)?
+            if self.cfg.use_parallel_residual {
+                // y = x + dense(o) + MLP(LN_post(x))
+                ops::layer_norm(&h, lw.ln_post.0.get(), lw.ln_post.1.get(), eps, &mut a);
+                self.mlp_hidden(&lw, &a, &mut m, n, exact_gelu);
+                ops::add_rows(&mut h, lw.dense.1.get());
+                ops::add_rows(&mut h, lw.fc2.1.get());
+                ops::matmul_acc(&o, lw.dense.0.get(), n, w, w, &mut h);
+                ops::matmul_acc(&m, lw.fc2.0.get(), n, f, w, &mut h);
             } else {
-                let y = (h + attn)?;
-                let mlp = layer.mlp(&layer.post_attention_layernorm.forward_fused(&y)?, act)?;
-                (y + mlp)?
-            };
+                // y = x + dense(o); y = y + MLP(LN_post(y))
+                ops::add_rows(&mut h, lw.dense.1.get());
+                ops::matmul_acc(&o, lw.dense.0.get(), n, w, w, &mut h);
+                ops::layer_norm(&h, lw.ln_post.0.get(), lw.ln_post.1.get(), eps, &mut a);
+                self.mlp_hidden(&lw, &a, &mut m, n, exact_gelu);
+                ops::add_rows(&mut h, lw.fc2.1.get());
+                ops::matmul_acc(&m, lw.fc2.0.get(), n, f, w, &mut h);
+            }
         }
         attention::commit(rows, caches);
-        self.final_layer_norm.forward_fused(&h)
+        let fw = HostView::new(&self.final_layer_norm.weight)?;
+        let fb = HostView::new(&self.final_layer_norm.bias)?;
+        ops::layer_norm(&h, fw.get(), fb.get(), eps, &mut a);
+        Ok(Tensor::from_vec(a, (n, w), x.device())?)
+    }
+
+    /// `m = gelu(a W_1 + b_1)`.
+    fn mlp_hidden(&self, lw: &HostLayer, a: &[f32], m: &mut [f32], n: usize, exact: bool) {
+        let (w, f) = (self.cfg.hidden_size, self.cfg.intermediate_size);
+        ops::fill_rows(m, lw.fc1.1.get());
+        ops::matmul_acc(a, lw.fc1.0.get(), n, w, f, m);
+        ops::gelu(m, exact);
+    }
+}
+
+/// A CPU float32 contiguous tensor's data, borrowed.
+struct HostView<'a> {
+    guard: Box<dyn std::ops::Deref<Target = candle_core::Storage> + 'a>,
+    range: std::ops::Range<usize>,
+}
+
+impl<'a> HostView<'a> {
+    fn new(t: &'a Tensor) -> Result<Self> {
+        if t.dtype() != DType::F32 || !t.device().is_cpu() {
+            return Err(crate::Error::input(
+                "device",
+                "the cached decode path runs on the CPU in float32",
+            ));
+        }
+        let (guard, layout) = t.storage_and_layout();
+        let (a, b) = layout
+            .contiguous_offsets()
+            .ok_or_else(|| crate::Error::input("weights", "a weight tensor is not contiguous"))?;
+        Ok(HostView {
+            guard: Box::new(guard),
+            range: a..b,
+        })
+    }
+
+    fn get(&self) -> &[f32] {
+        match &**self.guard {
+            candle_core::Storage::Cpu(c) => {
+                &c.as_slice::<f32>().expect("checked f32")[self.range.clone()]
+            }
+            _ => unreachable!("checked cpu"),
+        }
+    }
+}
+
+/// One layer's weights, borrowed as host slices: (weight `[in, out]` or gain, bias).
+struct HostLayer<'a> {
+    ln_in: (HostView<'a>, HostView<'a>),
+    ln_post: (HostView<'a>, HostView<'a>),
+    qkv: (HostView<'a>, HostView<'a>),
+    dense: (HostView<'a>, HostView<'a>),
+    fc1: (HostView<'a>, HostView<'a>),
+    fc2: (HostView<'a>, HostView<'a>),
+}
+
+impl<'a> HostLayer<'a> {
+    fn new(l: &'a Layer) -> Result<Self> {
+        let lin = |x: &'a Linear| -> Result<(HostView<'a>, HostView<'a>)> {
+            let b = x.bias.as_ref().ok_or_else(|| {
+                crate::Error::input("weights", "GPT-NeoX linear layers have biases")
+            })?;
+            Ok((HostView::new(&x.weight_t)?, HostView::new(b)?))
+        };
+        let ln = |x: &'a LayerNorm| -> Result<(HostView<'a>, HostView<'a>)> {
+            Ok((HostView::new(&x.weight)?, HostView::new(&x.bias)?))
+        };
+        Ok(HostLayer {
+            ln_in: ln(&l.input_layernorm)?,
+            ln_post: ln(&l.post_attention_layernorm)?,
+            qkv: lin(&l.query_key_value)?,
+            dense: lin(&l.dense)?,
+            fc1: lin(&l.dense_h_to_4h)?,
+            fc2: lin(&l.dense_4h_to_h)?,
+        })
     }
 }
 

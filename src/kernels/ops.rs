@@ -1,0 +1,165 @@
+//! Row-wise building blocks of the decode path on host buffers: matmul accumulating into its
+//! output (so biases and residuals are fused), LayerNorm, exact GELU. Each has a plain twin in
+//! the tests (candle's ops or a loop) that it is compared with.
+
+use super::matmul;
+use rayon::prelude::*;
+
+/// `y[m, n] += x[m, k] · w[k, n]` (row-major): the skinny kernel for decode-sized `m`, the
+/// `gemm` crate otherwise.
+pub fn matmul_acc(x: &[f32], w: &[f32], m: usize, k: usize, n: usize, y: &mut [f32]) {
+    assert_eq!(x.len(), m * k, "x shape");
+    assert_eq!(w.len(), k * n, "w shape");
+    assert_eq!(y.len(), m * n, "y shape");
+    if m == 0 || n == 0 {
+        return;
+    }
+    if m <= matmul::SKINNY_MAX_ROWS {
+        return matmul::matmul_skinny(x, w, m, k, n, y);
+    }
+    let threads = rayon::current_num_threads();
+    let par = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: the slices have the asserted sizes; strides describe row-major matrices.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            y.as_mut_ptr(),
+            1,
+            n as isize,
+            true,
+            x.as_ptr(),
+            1,
+            k as isize,
+            w.as_ptr(),
+            1,
+            n as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            par,
+        )
+    }
+}
+
+/// Every row of `y` (`[m, bias.len()]`) set to `bias`.
+pub fn fill_rows(y: &mut [f32], bias: &[f32]) {
+    for row in y.chunks_exact_mut(bias.len()) {
+        row.copy_from_slice(bias);
+    }
+}
+
+/// `bias` added to every row of `y`.
+pub fn add_rows(y: &mut [f32], bias: &[f32]) {
+    for row in y.chunks_exact_mut(bias.len()) {
+        for (a, b) in row.iter_mut().zip(bias) {
+            *a += b;
+        }
+    }
+}
+
+/// Row-wise LayerNorm (biased variance) of `x [m, d]` into `out`.
+pub fn layer_norm(x: &[f32], weight: &[f32], bias: &[f32], eps: f32, out: &mut [f32]) {
+    let d = weight.len();
+    let rows = x.len() / d;
+    let body = |(xr, or): (&[f32], &mut [f32])| {
+        let mean = xr.iter().sum::<f32>() / d as f32;
+        let var = xr.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / d as f32;
+        let inv = 1.0 / (var + eps).sqrt();
+        for ((o, v), (w, b)) in or.iter_mut().zip(xr).zip(weight.iter().zip(bias)) {
+            *o = (v - mean) * inv * w + b;
+        }
+    };
+    if rows * d >= 1 << 16 {
+        x.par_chunks_exact(d)
+            .zip(out.par_chunks_exact_mut(d))
+            .for_each(body);
+    } else {
+        x.chunks_exact(d)
+            .zip(out.chunks_exact_mut(d))
+            .for_each(body);
+    }
+}
+
+/// GELU in place: exact (`erf`) for `gelu`, the tanh approximation otherwise.
+pub fn gelu(x: &mut [f32], exact: bool) {
+    let f = |v: &mut f32| {
+        let x = *v;
+        *v = if exact {
+            0.5 * x * (1.0 + libm::erff(x * std::f32::consts::FRAC_1_SQRT_2))
+        } else {
+            0.5 * x
+                * (1.0 + ((2.0 / std::f32::consts::PI).sqrt() * (x + 0.044715 * x * x * x)).tanh())
+        };
+    };
+    if x.len() >= 1 << 14 {
+        x.par_chunks_mut(4096)
+            .for_each(|c| c.iter_mut().for_each(f));
+    } else {
+        x.iter_mut().for_each(f);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Tensor};
+    use rand::{Rng, SeedableRng};
+
+    fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        (0..n).map(|_| rng.random_range(-2.0..2.0)).collect()
+    }
+
+    #[test]
+    fn matmul_acc_matches_reference_both_paths() {
+        for (m, k, n) in [(1, 33, 70), (2, 64, 129), (5, 48, 200), (40, 96, 96)] {
+            let (x, w, y0) = (rand_vec(m * k, 1), rand_vec(k * n, 2), rand_vec(m * n, 3));
+            let (mut y, mut z) = (y0.clone(), y0);
+            matmul_acc(&x, &w, m, k, n, &mut y);
+            matmul::matmul_reference(&x, &w, m, k, n, &mut z);
+            for (a, b) in y.iter().zip(&z) {
+                assert!((a - b).abs() < 1e-3, "{m}x{k}x{n}: {a} vs {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn layer_norm_and_gelu_match_candle() {
+        let dev = Device::Cpu;
+        let (m, d) = (300, 256); // large enough for the parallel paths
+        let (x, w, b) = (rand_vec(m * d, 4), rand_vec(d, 5), rand_vec(d, 6));
+        let mut out = vec![0.0; m * d];
+        layer_norm(&x, &w, &b, 1e-5, &mut out);
+        let t = |v: &[f32], s: &[usize]| Tensor::from_slice(v, s, &dev).unwrap();
+        let want: Vec<f32> =
+            candle_nn::ops::layer_norm(&t(&x, &[m, d]), &t(&w, &[d]), &t(&b, &[d]), 1e-5)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+        for (a, c) in out.iter().zip(&want) {
+            assert!((a - c).abs() < 1e-4, "layer norm {a} vs {c}");
+        }
+        for exact in [true, false] {
+            let mut g = x.clone();
+            gelu(&mut g, exact);
+            let tx = t(&x, &[m * d]);
+            let want: Vec<f32> = if exact { tx.gelu_erf() } else { tx.gelu() }
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            for (a, c) in g.iter().zip(&want) {
+                assert!((a - c).abs() < 1e-5, "gelu (exact {exact}) {a} vs {c}");
+            }
+        }
+    }
+}
