@@ -41,7 +41,7 @@ fn main() {
         let xv: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
         let wv: Vec<f32> = w.flatten_all().unwrap().to_vec1().unwrap();
         let mut y = vec![0f32; m * n];
-        let s = time(it, || matmul_skinny(&xv, &wv, None, m, k, n, &mut y));
+        let s = time(it, || matmul_skinny(&xv, &wv, m, k, n, &mut y));
         println!(
             "{:>18} {:>12.3} {:>12.3} {:>10.1}",
             format!("{m}x{k}x{n}"),
