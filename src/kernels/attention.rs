@@ -124,10 +124,11 @@ enum KvStore {
     F16 { k: Vec<f16>, v: Vec<f16> },
 }
 
-/// What a cache element must do: be stored from and read back into float32.
+/// What a cache element must do: be stored from float32, and read back as float32 (in place
+/// where it already is, else widened into the caller's buffer).
 pub trait KvElem: Copy + Send + Sync + 'static {
     fn store(src: &[f32], dst: &mut [Self]);
-    fn load(src: &[Self], dst: &mut [f32]);
+    fn view<'a>(src: &'a [Self], buf: &'a mut [f32]) -> &'a [f32];
 }
 
 impl KvElem for f32 {
@@ -136,8 +137,8 @@ impl KvElem for f32 {
         dst.copy_from_slice(src);
     }
     #[inline(always)]
-    fn load(src: &[f32], dst: &mut [f32]) {
-        dst.copy_from_slice(src);
+    fn view<'a>(src: &'a [f32], _buf: &'a mut [f32]) -> &'a [f32] {
+        src
     }
 }
 
@@ -147,8 +148,9 @@ impl KvElem for f16 {
         dst.convert_from_f32_slice(src);
     }
     #[inline(always)]
-    fn load(src: &[f16], dst: &mut [f32]) {
-        src.convert_to_f32_slice(dst);
+    fn view<'a>(src: &'a [f16], buf: &'a mut [f32]) -> &'a [f32] {
+        src.convert_to_f32_slice(buf);
+        buf
     }
 }
 
@@ -417,7 +419,7 @@ fn run_tasks<T: KvElem>(
                 o.copy_from_slice(q);
                 continue;
             }
-            attend_cached::<T>(
+            attend_online::<T>(
                 q,
                 &t.k[..(slot + 1) * head_dim],
                 &t.v[..(slot + 1) * head_dim],
@@ -477,52 +479,10 @@ pub fn commit(rows: &[RowSpec], caches: &mut [&mut KvCache]) {
     }
 }
 
-/// Attention of one query over cached keys/values of element type `T`.
+/// Single-pass softmax attention of one query over cached keys/values (`[T, hd]` each) of
+/// element type `E`. AVX-512 and AVX2 builds of the same code are selected at run time.
 #[inline]
-fn attend_cached<T: KvElem>(q: &[f32], keys: &[T], values: &[T], scale: f32, out: &mut [f32]) {
-    // SAFETY of the casts: `T` is exactly f32 in the first branch.
-    if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() {
-        let k = unsafe { std::slice::from_raw_parts(keys.as_ptr() as *const f32, keys.len()) };
-        let v = unsafe { std::slice::from_raw_parts(values.as_ptr() as *const f32, values.len()) };
-        return attend_online(q, k, v, scale, out);
-    }
-    // Narrow elements: widen each key and value row into registers-sized buffers.
-    let hd = q.len();
-    let mut acc = [0f32; MAX_HEAD_DIM];
-    let acc = &mut acc[..hd];
-    let mut kb = [0f32; MAX_HEAD_DIM];
-    let mut vb = [0f32; MAX_HEAD_DIM];
-    let (kb, vb) = (&mut kb[..hd], &mut vb[..hd]);
-    let mut m = f32::NEG_INFINITY;
-    let mut l = 0f32;
-    for (k, v) in keys.chunks_exact(hd).zip(values.chunks_exact(hd)) {
-        T::load(k, kb);
-        let s = dot(q, kb) * scale;
-        if s > m {
-            let c = (m - s).exp();
-            l *= c;
-            for a in acc.iter_mut() {
-                *a *= c;
-            }
-            m = s;
-        }
-        let p = (s - m).exp();
-        l += p;
-        T::load(v, vb);
-        for (a, x) in acc.iter_mut().zip(vb.iter()) {
-            *a += p * x;
-        }
-    }
-    let inv = 1.0 / l;
-    for (o, a) in out.iter_mut().zip(acc.iter()) {
-        *o = a * inv;
-    }
-}
-
-/// Single-pass softmax attention of one query over `keys`/`values` (`[T, hd]` each).
-/// AVX-512 and AVX2 builds of the same code are selected at run time.
-#[inline]
-pub fn attend_online(q: &[f32], keys: &[f32], values: &[f32], scale: f32, out: &mut [f32]) {
+pub fn attend_online<E: KvElem>(q: &[f32], keys: &[E], values: &[E], scale: f32, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
         if std::is_x86_feature_detected!("avx512f") {
@@ -539,25 +499,33 @@ pub fn attend_online(q: &[f32], keys: &[f32], values: &[f32], scale: f32, out: &
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512vl,fma")]
-unsafe fn attend_avx512(q: &[f32], keys: &[f32], values: &[f32], scale: f32, out: &mut [f32]) {
+unsafe fn attend_avx512<E: KvElem>(
+    q: &[f32],
+    keys: &[E],
+    values: &[E],
+    scale: f32,
+    out: &mut [f32],
+) {
     attend_generic(q, keys, values, scale, out)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn attend_avx2(q: &[f32], keys: &[f32], values: &[f32], scale: f32, out: &mut [f32]) {
+unsafe fn attend_avx2<E: KvElem>(q: &[f32], keys: &[E], values: &[E], scale: f32, out: &mut [f32]) {
     attend_generic(q, keys, values, scale, out)
 }
 
 #[inline(always)]
-fn attend_generic(q: &[f32], keys: &[f32], values: &[f32], scale: f32, out: &mut [f32]) {
+fn attend_generic<E: KvElem>(q: &[f32], keys: &[E], values: &[E], scale: f32, out: &mut [f32]) {
     let hd = q.len();
     let mut acc = [0f32; MAX_HEAD_DIM];
     let acc = &mut acc[..hd];
+    // Row buffers for narrow element types (float32 rows are read in place).
+    let (mut kb, mut vb) = ([0f32; MAX_HEAD_DIM], [0f32; MAX_HEAD_DIM]);
     let mut m = f32::NEG_INFINITY;
     let mut l = 0f32;
     for (k, v) in keys.chunks_exact(hd).zip(values.chunks_exact(hd)) {
-        let s = dot(q, k) * scale;
+        let s = dot(q, E::view(k, &mut kb[..hd])) * scale;
         if s > m {
             let c = (m - s).exp();
             l *= c;
@@ -568,7 +536,7 @@ fn attend_generic(q: &[f32], keys: &[f32], values: &[f32], scale: f32, out: &mut
         }
         let p = (s - m).exp();
         l += p;
-        for (a, x) in acc.iter_mut().zip(v) {
+        for (a, x) in acc.iter_mut().zip(E::view(v, &mut vb[..hd])) {
             *a += p * x;
         }
     }
