@@ -32,11 +32,16 @@ model_args() { # kind -> flags
     fi
 }
 
+pid=""
+trap '[ -n "$pid" ] && kill -TERM "$pid" 2>/dev/null || true' EXIT
+
 for kind in block vanilla; do
     args=$(model_args "$kind")
     log="$OUT/serve-$kind.log"
+    : >"$log"
     # shellcheck disable=SC2086
-    "$BIN" serve $args --host 127.0.0.1 --port 0 --model-name "shakespeare-$kind" ${SERVE_FLAGS:-} 2>"$log" &
+    "$BIN" serve $args --host 127.0.0.1 --port 0 --model-name "shakespeare-$kind" ${SERVE_FLAGS:-} \
+        </dev/null >/dev/null 2>"$log" &
     pid=$!
     addr=""
     for _ in $(seq 1 300); do
@@ -56,5 +61,6 @@ for kind in block vanilla; do
         --json "$OUT/loadtest-$kind.json" || true
     kill -TERM "$pid"
     wait "$pid" || true
+    pid=""
 done
 echo "summaries: $OUT/loadtest-{block,vanilla}.json"

@@ -34,7 +34,8 @@ pub struct Args {
     /// Sampling temperature (0 = greedy).
     #[arg(long, default_value_t = 1.0)]
     pub temperature: f32,
-    /// Stop sending new requests after this many seconds (at most 3600).
+    /// Stop sending new requests after this many seconds (at most 3600); requests still
+    /// running 60 s after that are abandoned (counted as failed, status 0).
     #[arg(long, default_value_t = 120.0)]
     pub time_limit: f64,
     #[arg(long)]
@@ -169,8 +170,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             .as_deref()
             .map(|v| vec![("authorization", v)])
             .unwrap_or_default();
-        let models = client::get(addr, "/v1/models", &hdr)
+        let models = tokio::time::timeout(Duration::from_secs(10), client::get(addr, "/v1/models", &hdr))
             .await
+            .map_err(|_| anyhow::anyhow!("the server at {} did not answer GET /v1/models in 10 s", a.url))?
             .with_context(|| format!("cannot reach the server at {}", a.url))?;
         if models.status != 200 {
             bail!("GET /v1/models answered {}", models.status);
@@ -178,6 +180,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         let models = models.json().await?;
         let model = models["data"][0]["id"].as_str().unwrap_or("").to_string();
         let deadline = Instant::now() + Duration::from_secs_f64(a.time_limit);
+        // Requests still running this long after the last one was sent are abandoned.
+        let hard_deadline = tokio::time::Instant::from_std(deadline + Duration::from_secs(60));
         let next = Arc::new(AtomicUsize::new(0));
         let t0 = Instant::now();
         let mut tasks = Vec::new();
@@ -212,7 +216,20 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                         "stream_options": {"include_usage": true},
                         "ignore_eos": true,
                     });
-                    out.push(one(addr, body, auth.clone(), max_tokens).await);
+                    let r = tokio::time::timeout_at(
+                        hard_deadline,
+                        one(addr, body, auth.clone(), max_tokens),
+                    )
+                    .await;
+                    out.push(r.unwrap_or(Sample {
+                        ok: false,
+                        status: 0,
+                        latency: f64::NAN,
+                        ttft: None,
+                        gaps: vec![],
+                        completion_tokens: 0,
+                        prompt_tokens: 0,
+                    }));
                 }
                 out
             }));
