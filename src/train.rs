@@ -336,10 +336,25 @@ impl Trainer {
                     labels,
                 },
             ) => {
+                // The HF shifted causal-LM loss (as `Vanilla::forward`), with the LM head run
+                // only on the predicting rows and a fused softmax cross-entropy.
+                let (b, t) = (*batch, *seq_len);
                 let m = (!mask.iter().all(|&x| x == 1)).then_some(mask.as_slice());
-                v.forward(ids, *batch, *seq_len, m, Some(labels))?
-                    .loss
-                    .ok_or_else(|| Error::input("batch", "no predicted token in the batch"))
+                let (rows, targets): (Vec<u32>, Vec<u32>) = (0..b)
+                    .flat_map(|bi| (0..t.saturating_sub(1)).map(move |ti| (bi, ti)))
+                    .filter(|&(bi, ti)| labels[bi * t + ti + 1] >= 0)
+                    .map(|(bi, ti)| ((bi * t + ti) as u32, labels[bi * t + ti + 1] as u32))
+                    .unzip();
+                if rows.is_empty() {
+                    return Err(Error::input("batch", "no predicted token in the batch"));
+                }
+                let h = v.hidden(ids, b, t, m)?;
+                let w = h.dim(2)?;
+                let sel = h
+                    .reshape((b * t, w))?
+                    .index_select(&Tensor::new(rows.as_slice(), h.device())?, 0)?;
+                let logits = v.embed_out.forward(&sel)?.contiguous()?;
+                Ok(softmax_cross_entropy(&logits, targets)?.mean_all()?)
             }
             _ => Err(Error::input(
                 "batch",
@@ -603,6 +618,82 @@ impl Trainer {
             }
         }
         Ok(tr)
+    }
+}
+
+/// Fused softmax cross-entropy with backward: `logits [C, V]` and one target per row ->
+/// per-row loss `-log softmax(logits)[target]` (`[C]`). One pass forward; the gradient
+/// `softmax - onehot` is written directly (candle's composed `log_softmax` + `gather` take
+/// about ten passes over `[C, V]` and as many fresh buffers).
+pub fn softmax_cross_entropy(logits: &Tensor, targets: Vec<u32>) -> Result<Tensor> {
+    let (c, v) = logits.dims2()?;
+    if targets.len() != c || targets.iter().any(|&t| t as usize >= v) {
+        return Err(Error::input(
+            "targets",
+            "one target in 0..V per row expected",
+        ));
+    }
+    Ok(logits.apply_op1(SoftmaxCe {
+        targets: std::sync::Arc::new(targets),
+    })?)
+}
+
+struct SoftmaxCe {
+    targets: std::sync::Arc<Vec<u32>>,
+}
+
+fn row_lse(row: &[f32]) -> f32 {
+    let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    m + row.iter().map(|&x| (x - m).exp()).sum::<f32>().ln()
+}
+
+impl candle_core::CustomOp1 for SoftmaxCe {
+    fn name(&self) -> &'static str {
+        "softmax-cross-entropy"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let (c, v) = layout.shape().dims2()?;
+        let Some((a, b)) = layout.contiguous_offsets() else {
+            candle_core::bail!("softmax-cross-entropy: logits must be contiguous")
+        };
+        let x = &storage.as_slice::<f32>()?[a..b];
+        let out: Vec<f32> = x
+            .par_chunks(v)
+            .zip(self.targets.par_iter())
+            .map(|(row, &t)| row_lse(row) - row[t as usize])
+            .collect();
+        Ok((
+            candle_core::CpuStorage::F32(out),
+            candle_core::Shape::from(c),
+        ))
+    }
+
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let (c, v) = arg.dims2()?;
+        let x: Vec<f32> = arg.flatten_all()?.to_vec1()?;
+        let g: Vec<f32> = grad_res.flatten_all()?.to_vec1()?;
+        let mut out = vec![0f32; c * v];
+        out.par_chunks_mut(v)
+            .zip(x.par_chunks(v))
+            .zip(self.targets.par_iter().zip(g.par_iter()))
+            .for_each(|((o, row), (&t, &gi))| {
+                let lse = row_lse(row);
+                for (oj, &xj) in o.iter_mut().zip(row) {
+                    *oj = gi * (xj - lse).exp();
+                }
+                o[t as usize] -= gi;
+            });
+        Ok(Some(Tensor::from_vec(out, (c, v), arg.device())?))
     }
 }
 

@@ -400,3 +400,66 @@ fn uptraining_initialises_the_block_model_from_the_vanilla_one() {
         }
     }
 }
+
+#[test]
+fn training_loss_equals_the_model_forward_loss() {
+    // The trainer's vanilla loss (LM head on predicting rows + fused softmax cross-entropy)
+    // equals Vanilla::forward's HF loss; the block loss is the official forward's.
+    let cfg = tiny_vanilla();
+    let tr = Trainer::random(&cfg, 5, tcfg(1)).unwrap();
+    let ds = dataset(&cfg, 32, 4);
+    let b = batch(&cfg, &ds, 3);
+    let Batch::Vanilla {
+        batch: n,
+        seq_len,
+        ids,
+        labels,
+        ..
+    } = &b
+    else {
+        panic!()
+    };
+    let blockformer::model::Arch::Vanilla(v) = &tr.model.arch else {
+        panic!()
+    };
+    let want = v
+        .forward(ids, *n, *seq_len, None, Some(labels))
+        .unwrap()
+        .loss
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let got = tr.loss(&b).unwrap().to_scalar::<f32>().unwrap();
+    assert!((got - want).abs() < 1e-5, "{got} vs {want}");
+    // Fused cross-entropy: value and gradient against the composed ops.
+    let logits = Tensor::randn(0f32, 3.0, (5, 11), &Device::Cpu).unwrap();
+    let var = candle_core::Var::from_tensor(&logits).unwrap();
+    let t = vec![0u32, 10, 3, 3, 7];
+    let fused = train::softmax_cross_entropy(var.as_tensor(), t.clone()).unwrap();
+    let gf = fused.sum_all().unwrap().backward().unwrap();
+    let (ce, _) = blockformer::model::block_transformer::cross_entropy(
+        var.as_tensor(),
+        &t.iter().map(|&x| x as i64).collect::<Vec<_>>(),
+    )
+    .unwrap();
+    let gc = ce.sum_all().unwrap().backward().unwrap();
+    let d = |a: &Tensor, b: &Tensor| -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    };
+    assert!(d(&fused, &ce) < 1e-5);
+    assert!(
+        d(
+            gf.get(var.as_tensor()).unwrap(),
+            gc.get(var.as_tensor()).unwrap()
+        ) < 1e-5
+    );
+}
