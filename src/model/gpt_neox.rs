@@ -85,19 +85,12 @@ impl Linear {
             return Ok(None);
         }
         let xv: Vec<f32> = x.flatten_all()?.to_vec1()?;
-        let (w_storage, w_layout) = self.weight_t.storage_and_layout();
-        let candle_core::Storage::Cpu(w_cpu) = &*w_storage else {
-            return Ok(None);
-        };
-        let Some((w0, w1)) = w_layout.contiguous_offsets() else {
-            return Ok(None);
-        };
-        let w = &w_cpu.as_slice::<f32>()?[w0..w1];
+        let w = HostView::new(&self.weight_t)?;
         let mut y = match &self.bias {
             Some(b) => b.to_vec1::<f32>()?.repeat(rows),
             None => vec![0f32; rows * n],
         };
-        matmul::matmul_skinny(&xv, w, rows, k, n, &mut y);
+        matmul::matmul_skinny(&xv, w.get(), rows, k, n, &mut y);
         Ok(Some(Tensor::from_vec(y, (rows, n), x.device())?))
     }
 }
