@@ -163,3 +163,145 @@ mod tests {
         }
     }
 }
+
+/// LayerNorm as one differentiable op (`x`, gain, bias), for training: the composed version
+/// costs nine tensor ops forward and as many backward. Forward is [`layer_norm`]; backward
+/// recomputes the normalised input and returns
+/// `dx = rstd * (g w - mean(g w) - x_hat mean(g w x_hat))`, `dw = sum(g x_hat)`, `db = sum(g)`.
+pub struct LayerNormOp {
+    pub eps: f32,
+}
+
+fn host(t: &candle_core::Tensor) -> candle_core::Result<Vec<f32>> {
+    t.flatten_all()?.to_vec1::<f32>()
+}
+
+impl candle_core::CustomOp3 for LayerNormOp {
+    fn name(&self) -> &'static str {
+        "layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &candle_core::CpuStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::CpuStorage,
+        l2: &candle_core::Layout,
+        s3: &candle_core::CpuStorage,
+        l3: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let slice = |s: &candle_core::CpuStorage,
+                     l: &candle_core::Layout|
+         -> candle_core::Result<Vec<f32>> {
+            let data = s.as_slice::<f32>()?;
+            match l.contiguous_offsets() {
+                Some((a, b)) => Ok(data[a..b].to_vec()),
+                None => Err(candle_core::Error::Msg(
+                    "layer-norm: non-contiguous input".into(),
+                )),
+            }
+        };
+        let (x, w, b) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
+        let mut out = vec![0f32; x.len()];
+        layer_norm(&x, &w, &b, self.eps, &mut out);
+        Ok((candle_core::CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &candle_core::Tensor,
+        w: &candle_core::Tensor,
+        _b: &candle_core::Tensor,
+        _res: &candle_core::Tensor,
+        grad: &candle_core::Tensor,
+    ) -> candle_core::Result<(
+        Option<candle_core::Tensor>,
+        Option<candle_core::Tensor>,
+        Option<candle_core::Tensor>,
+    )> {
+        let d = w.elem_count();
+        let (xv, wv, gv) = (host(x)?, host(w)?, host(grad)?);
+        let rows = xv.len() / d;
+        // Per row: dx, and this row's contributions to dw and db.
+        let per_row = |r: usize| -> (Vec<f32>, Vec<f32>) {
+            let (xr, gr) = (&xv[r * d..(r + 1) * d], &gv[r * d..(r + 1) * d]);
+            let mean = xr.iter().sum::<f32>() / d as f32;
+            let var = xr.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / d as f32;
+            let rstd = 1.0 / (var + self.eps).sqrt();
+            let xhat: Vec<f32> = xr.iter().map(|v| (v - mean) * rstd).collect();
+            let gw: Vec<f32> = gr.iter().zip(&wv).map(|(g, w)| g * w).collect();
+            let m1 = gw.iter().sum::<f32>() / d as f32;
+            let m2 = gw.iter().zip(&xhat).map(|(a, b)| a * b).sum::<f32>() / d as f32;
+            let dx = gw
+                .iter()
+                .zip(&xhat)
+                .map(|(g, h)| rstd * (g - m1 - h * m2))
+                .collect();
+            let dwr = gr.iter().zip(&xhat).map(|(g, h)| g * h).collect();
+            (dx, dwr)
+        };
+        let parts: Vec<(Vec<f32>, Vec<f32>)> = (0..rows).into_par_iter().map(per_row).collect();
+        let mut dx = Vec::with_capacity(xv.len());
+        let mut dw = vec![0f32; d];
+        let mut db = vec![0f32; d];
+        for (r, (dxr, dwr)) in parts.into_iter().enumerate() {
+            dx.extend_from_slice(&dxr);
+            for j in 0..d {
+                dw[j] += dwr[j];
+                db[j] += gv[r * d + j];
+            }
+        }
+        let dev = x.device();
+        Ok((
+            Some(candle_core::Tensor::from_vec(dx, x.shape(), dev)?),
+            Some(candle_core::Tensor::from_vec(dw, w.shape(), dev)?),
+            Some(candle_core::Tensor::from_vec(db, w.shape(), dev)?),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod layer_norm_op_tests {
+    use super::*;
+    use candle_core::{Device, Tensor, Var};
+    use rand::{Rng, SeedableRng};
+
+    #[test]
+    fn fused_layer_norm_gradients_match_the_composed_ops() {
+        let dev = Device::Cpu;
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
+        let mut v =
+            |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-2.0..2.0)).collect() };
+        let (rows, d) = (7, 24);
+        let x = Var::from_vec(v(rows * d), (rows, d), &dev).unwrap();
+        let w = Var::from_vec(v(d), d, &dev).unwrap();
+        let b = Var::from_vec(v(d), d, &dev).unwrap();
+        let r = Tensor::from_vec(v(rows * d), (rows, d), &dev).unwrap();
+        let fused = x.apply_op3(&w, &b, LayerNormOp { eps: 1e-5 }).unwrap();
+        let composed = candle_nn::ops::layer_norm_slow(&x, &w, &b, 1e-5).unwrap();
+        let (gf, gc) = (
+            (fused.clone() * &r)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap(),
+            (composed.clone() * &r)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap(),
+        );
+        let close = |a: &Tensor, b: &Tensor, what: &str| {
+            let (a, b) = (host(a).unwrap(), host(b).unwrap());
+            for (p, q) in a.iter().zip(&b) {
+                assert!((p - q).abs() < 1e-4, "{what}: {p} vs {q}");
+            }
+        };
+        close(&fused, &composed, "forward");
+        for (t, what) in [(&x, "dx"), (&w, "dw"), (&b, "db")] {
+            close(gf.get(t).unwrap(), gc.get(t).unwrap(), what);
+        }
+    }
+}

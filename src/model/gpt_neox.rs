@@ -112,8 +112,19 @@ impl LayerNorm {
         })
     }
 
-    /// Differentiable composition (candle's fused LayerNorm has no backward).
+    /// Differentiable LayerNorm (candle's fused one has no backward): one custom op with its
+    /// own backward on the CPU, the composed ops elsewhere.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if x.device().is_cpu() && x.dtype() == DType::F32 {
+            let x = x.contiguous()?;
+            return Ok(x.apply_op3(
+                &self.weight,
+                &self.bias,
+                ops::LayerNormOp {
+                    eps: self.eps as f32,
+                },
+            )?);
+        }
         let mean = x.mean_keepdim(D::Minus1)?;
         let xc = x.broadcast_sub(&mean)?;
         let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
