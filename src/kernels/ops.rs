@@ -305,3 +305,105 @@ mod layer_norm_op_tests {
         }
     }
 }
+
+/// Softmax over the last dimension as one differentiable op, for training (the composed
+/// version is five tensor ops each way). Backward: `dx = y (g - sum(g y))`.
+pub struct SoftmaxLastDimOp;
+
+impl candle_core::CustomOp1 for SoftmaxLastDimOp {
+    fn name(&self) -> &'static str {
+        "softmax-last-dim"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s: &candle_core::CpuStorage,
+        l: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let data = s.as_slice::<f32>()?;
+        let (a, b) = l
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("softmax: non-contiguous input".into()))?;
+        let x = &data[a..b];
+        let d = *l.dims().last().unwrap_or(&1);
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(d)
+            .zip(x.par_chunks(d))
+            .for_each(|(o, r)| {
+                let m = r.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+                let mut z = 0f32;
+                for (oi, xi) in o.iter_mut().zip(r) {
+                    *oi = (xi - m).exp();
+                    z += *oi;
+                }
+                let inv = 1.0 / z;
+                o.iter_mut().for_each(|v| *v *= inv);
+            });
+        Ok((candle_core::CpuStorage::F32(out), l.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &candle_core::Tensor,
+        res: &candle_core::Tensor,
+        grad: &candle_core::Tensor,
+    ) -> candle_core::Result<Option<candle_core::Tensor>> {
+        let d = *res.dims().last().unwrap_or(&1);
+        let (y, g) = (host(res)?, host(grad)?);
+        let mut dx = vec![0f32; y.len()];
+        dx.par_chunks_mut(d)
+            .zip(y.par_chunks(d).zip(g.par_chunks(d)))
+            .for_each(|(o, (yr, gr))| {
+                let s: f32 = yr.iter().zip(gr).map(|(a, b)| a * b).sum();
+                for ((oi, yi), gi) in o.iter_mut().zip(yr).zip(gr) {
+                    *oi = yi * (gi - s);
+                }
+            });
+        Ok(Some(candle_core::Tensor::from_vec(
+            dx,
+            res.shape(),
+            res.device(),
+        )?))
+    }
+}
+
+#[cfg(test)]
+mod softmax_op_tests {
+    use super::*;
+    use candle_core::{Device, Tensor, Var, D};
+    use rand::{Rng, SeedableRng};
+
+    #[test]
+    fn fused_softmax_gradients_match_the_composed_ops() {
+        let dev = Device::Cpu;
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+        let mut v =
+            |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-3.0..3.0)).collect() };
+        let mut xs = v(2 * 3 * 5 * 5);
+        xs[7] = f32::MIN; // masked entries as the attention bias makes them
+        let x = Var::from_vec(xs, (2, 3, 5, 5), &dev).unwrap();
+        let r = Tensor::from_vec(v(150), (2, 3, 5, 5), &dev).unwrap();
+        let fused = x.apply_op1(SoftmaxLastDimOp).unwrap();
+        let composed = candle_nn::ops::softmax(&x, D::Minus1).unwrap();
+        let gf = (fused.clone() * &r)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let gc = (composed.clone() * &r)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for (a, b) in [
+            (fused, composed),
+            (gf.get(&x).unwrap().clone(), gc.get(&x).unwrap().clone()),
+        ] {
+            for (p, q) in host(&a).unwrap().iter().zip(&host(&b).unwrap()) {
+                assert!((p - q).abs() < 1e-5, "{p} vs {q}");
+            }
+        }
+    }
+}

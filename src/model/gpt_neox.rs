@@ -300,7 +300,11 @@ impl NeoX {
         let k = rot(qkv.narrow(3, hd, hd)?)?;
         let v = qkv.narrow(3, 2 * hd, hd)?.contiguous()?;
         let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?.broadcast_add(bias)?;
-        let p = candle_nn::ops::softmax(&scores, D::Minus1)?;
+        let p = if scores.device().is_cpu() && scores.dtype() == DType::F32 {
+            scores.contiguous()?.apply_op1(ops::SoftmaxLastDimOp)?
+        } else {
+            candle_nn::ops::softmax(&scores, D::Minus1)?
+        };
         let o = p
             .matmul(&v)? // [B, nh, T, hd]
             .transpose(1, 2)?
