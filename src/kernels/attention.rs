@@ -59,6 +59,13 @@ impl Rotary {
     /// Rotates the first `dims` entries of a head vector in place (`x*cos + rotate_half(x)*sin`).
     #[inline]
     pub fn apply(&self, x: &mut [f32], pos: usize) {
+        self.apply_signed(x, pos, false)
+    }
+
+    /// [`Rotary::apply`], or its inverse (rotation by `-angle`) when `inverse`.
+    #[inline]
+    pub fn apply_signed(&self, x: &mut [f32], pos: usize, inverse: bool) {
+        let sign = if inverse { -1.0 } else { 1.0 };
         let half = self.dims / 2;
         if half == 0 {
             return;
@@ -66,11 +73,11 @@ impl Rotary {
         if pos < self.table_len() {
             let c = &self.cos[pos * half..(pos + 1) * half];
             let s = &self.sin[pos * half..(pos + 1) * half];
-            rotate(x, half, |i| (c[i], s[i]));
+            rotate(x, half, |i| (c[i], sign * s[i]));
         } else {
             rotate(x, half, |i| {
                 let a = pos as f32 * self.inv_freq[i];
-                (a.cos(), a.sin())
+                (a.cos(), sign * a.sin())
             });
         }
     }

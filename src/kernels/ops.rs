@@ -407,3 +407,116 @@ mod softmax_op_tests {
         }
     }
 }
+
+/// Partial rotary embedding of `x [B, heads, T, hd]` (first `dims` entries of every head
+/// vector, position = index along `T`) as one differentiable op, for training. The rotation is
+/// orthogonal, so the backward pass is the inverse rotation of the gradient.
+pub struct RotaryOp {
+    pub rotary: std::sync::Arc<super::attention::Rotary>,
+}
+
+impl RotaryOp {
+    fn run(&self, x: &[f32], dims: &[usize], inverse: bool) -> Vec<f32> {
+        let (t, hd) = (dims[2], dims[3]);
+        let mut out = x.to_vec();
+        out.par_chunks_mut(t * hd).for_each(|head| {
+            for (p, v) in head.chunks_mut(hd).enumerate() {
+                self.rotary.apply_signed(v, p, inverse);
+            }
+        });
+        out
+    }
+}
+
+impl candle_core::CustomOp1 for RotaryOp {
+    fn name(&self) -> &'static str {
+        "rotary"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s: &candle_core::CpuStorage,
+        l: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let data = s.as_slice::<f32>()?;
+        let (a, b) = l
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("rotary: non-contiguous input".into()))?;
+        if l.dims().len() != 4 {
+            return Err(candle_core::Error::Msg(
+                "rotary: expected [B, heads, T, hd]".into(),
+            ));
+        }
+        let out = self.run(&data[a..b], l.dims(), false);
+        Ok((candle_core::CpuStorage::F32(out), l.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &candle_core::Tensor,
+        _res: &candle_core::Tensor,
+        grad: &candle_core::Tensor,
+    ) -> candle_core::Result<Option<candle_core::Tensor>> {
+        let g = host(grad)?;
+        let dx = self.run(&g, grad.dims(), true);
+        Ok(Some(candle_core::Tensor::from_vec(
+            dx,
+            grad.shape(),
+            grad.device(),
+        )?))
+    }
+}
+
+#[cfg(test)]
+mod rotary_op_tests {
+    use super::*;
+    use candle_core::{Device, Tensor, Var};
+    use rand::{Rng, SeedableRng};
+
+    #[test]
+    fn fused_rotary_matches_rope_slow_forward_and_backward() {
+        let dev = Device::Cpu;
+        let (b, h, t, hd, rd) = (2, 3, 6, 8, 4);
+        let rot = std::sync::Arc::new(super::super::attention::Rotary::new(rd, 10000.0, 16));
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(12);
+        let mut v =
+            |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-2.0..2.0)).collect() };
+        let x = Var::from_vec(v(b * h * t * hd), (b, h, t, hd), &dev).unwrap();
+        let r = Tensor::from_vec(v(b * h * t * hd), (b, h, t, hd), &dev).unwrap();
+        let fused = x
+            .apply_op1(RotaryOp {
+                rotary: rot.clone(),
+            })
+            .unwrap();
+        let half = rd / 2;
+        let cos = Tensor::from_vec(rot.cos[..t * half].to_vec(), (t, half), &dev).unwrap();
+        let sin = Tensor::from_vec(rot.sin[..t * half].to_vec(), (t, half), &dev).unwrap();
+        let head = candle_nn::rotary_emb::rope_slow(
+            &x.narrow(3, 0, rd).unwrap().contiguous().unwrap(),
+            &cos,
+            &sin,
+        )
+        .unwrap();
+        let reference = Tensor::cat(&[&head, &x.narrow(3, rd, hd - rd).unwrap()], 3).unwrap();
+        let gf = (fused.clone() * &r)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let gr = (reference.clone() * &r)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for (a, c) in [
+            (fused, reference),
+            (gf.get(&x).unwrap().clone(), gr.get(&x).unwrap().clone()),
+        ] {
+            for (p, q) in host(&a).unwrap().iter().zip(&host(&c).unwrap()) {
+                assert!((p - q).abs() < 1e-5, "{p} vs {q}");
+            }
+        }
+    }
+}

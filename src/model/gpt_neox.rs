@@ -203,6 +203,8 @@ pub struct NeoX {
     pub layers: Vec<Layer>,
     pub final_layer_norm: LayerNorm,
     pub rotary: Rotary,
+    /// The same tables, shared with the training path's rotary op.
+    rotary_shared: std::sync::Arc<Rotary>,
 }
 
 impl NeoX {
@@ -226,6 +228,7 @@ impl NeoX {
             cfg: cfg.clone(),
             layers,
             final_layer_norm,
+            rotary_shared: std::sync::Arc::new(rotary.clone()),
             rotary,
         })
     }
@@ -285,9 +288,16 @@ impl NeoX {
             .forward(&a)?
             .reshape((b, t, nh, 3 * hd))?
             .transpose(1, 2)?; // [B, nh, T, 3hd]
+        let fused_rotary = x.device().is_cpu() && x.dtype() == DType::F32;
         let rot = |z: Tensor| -> Result<Tensor> {
             if rd == 0 {
                 return Ok(z.contiguous()?);
+            }
+            if fused_rotary {
+                let op = ops::RotaryOp {
+                    rotary: self.rotary_shared.clone(),
+                };
+                return Ok(z.contiguous()?.apply_op1(op)?);
             }
             let r = candle_nn::rotary_emb::rope_slow(&z.narrow(3, 0, rd)?.contiguous()?, cos, sin)?;
             if rd == hd {
