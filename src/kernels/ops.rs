@@ -306,48 +306,66 @@ mod layer_norm_op_tests {
     }
 }
 
-/// Softmax over the last dimension as one differentiable op, for training (the composed
-/// version is five tensor ops each way). Backward: `dx = y (g - sum(g y))`.
-pub struct SoftmaxLastDimOp;
+/// `softmax(scores * scale + bias)` over the last dimension, the attention probabilities of
+/// the training path in one differentiable op: `scores [B, heads, T, S]`, `bias [B, 1, T, S]`
+/// (the causal and padding mask, no gradient). Backward: `d scores = scale y (g - sum(g y))`.
+pub struct MaskedSoftmaxOp {
+    pub scale: f32,
+}
 
-impl candle_core::CustomOp1 for SoftmaxLastDimOp {
+impl candle_core::CustomOp2 for MaskedSoftmaxOp {
     fn name(&self) -> &'static str {
-        "softmax-last-dim"
+        "masked-softmax"
     }
 
     fn cpu_fwd(
         &self,
-        s: &candle_core::CpuStorage,
-        l: &candle_core::Layout,
+        s1: &candle_core::CpuStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::CpuStorage,
+        l2: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        let data = s.as_slice::<f32>()?;
-        let (a, b) = l
+        let err = |m: &str| candle_core::Error::Msg(format!("masked-softmax: {m}"));
+        let (a, b) = l1
             .contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg("softmax: non-contiguous input".into()))?;
-        let x = &data[a..b];
-        let d = *l.dims().last().unwrap_or(&1);
+            .ok_or_else(|| err("non-contiguous scores"))?;
+        let (c, d) = l2
+            .contiguous_offsets()
+            .ok_or_else(|| err("non-contiguous bias"))?;
+        let (x, bias) = (&s1.as_slice::<f32>()?[a..b], &s2.as_slice::<f32>()?[c..d]);
+        let dims = l1.dims();
+        if dims.len() != 4 || l2.dims() != [dims[0], 1, dims[2], dims[3]] {
+            return Err(err("expected scores [B, h, T, S] and bias [B, 1, T, S]"));
+        }
+        let (h, t, sl) = (dims[1], dims[2], dims[3]);
         let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(d)
-            .zip(x.par_chunks(d))
-            .for_each(|(o, r)| {
-                let m = r.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-                let mut z = 0f32;
-                for (oi, xi) in o.iter_mut().zip(r) {
-                    *oi = (xi - m).exp();
-                    z += *oi;
-                }
-                let inv = 1.0 / z;
-                o.iter_mut().for_each(|v| *v *= inv);
-            });
-        Ok((candle_core::CpuStorage::F32(out), l.shape().clone()))
+        out.par_chunks_mut(sl).enumerate().for_each(|(row, o)| {
+            let xr = &x[row * sl..(row + 1) * sl];
+            let br = (row / (h * t)) * t + row % t;
+            let br = &bias[br * sl..(br + 1) * sl];
+            let mut m = f32::NEG_INFINITY;
+            for ((oi, xi), bi) in o.iter_mut().zip(xr).zip(br) {
+                *oi = xi * self.scale + bi;
+                m = m.max(*oi);
+            }
+            let mut z = 0f32;
+            for oi in o.iter_mut() {
+                *oi = (*oi - m).exp();
+                z += *oi;
+            }
+            let inv = 1.0 / z;
+            o.iter_mut().for_each(|v| *v *= inv);
+        });
+        Ok((candle_core::CpuStorage::F32(out), l1.shape().clone()))
     }
 
     fn bwd(
         &self,
         _x: &candle_core::Tensor,
+        _bias: &candle_core::Tensor,
         res: &candle_core::Tensor,
         grad: &candle_core::Tensor,
-    ) -> candle_core::Result<Option<candle_core::Tensor>> {
+    ) -> candle_core::Result<(Option<candle_core::Tensor>, Option<candle_core::Tensor>)> {
         let d = *res.dims().last().unwrap_or(&1);
         let (y, g) = (host(res)?, host(grad)?);
         let mut dx = vec![0f32; y.len()];
@@ -356,35 +374,48 @@ impl candle_core::CustomOp1 for SoftmaxLastDimOp {
             .for_each(|(o, (yr, gr))| {
                 let s: f32 = yr.iter().zip(gr).map(|(a, b)| a * b).sum();
                 for ((oi, yi), gi) in o.iter_mut().zip(yr).zip(gr) {
-                    *oi = yi * (gi - s);
+                    *oi = self.scale * yi * (gi - s);
                 }
             });
-        Ok(Some(candle_core::Tensor::from_vec(
-            dx,
-            res.shape(),
-            res.device(),
-        )?))
+        Ok((
+            Some(candle_core::Tensor::from_vec(
+                dx,
+                res.shape(),
+                res.device(),
+            )?),
+            None,
+        ))
     }
 }
 
 #[cfg(test)]
-mod softmax_op_tests {
+mod masked_softmax_tests {
     use super::*;
     use candle_core::{Device, Tensor, Var, D};
     use rand::{Rng, SeedableRng};
 
     #[test]
-    fn fused_softmax_gradients_match_the_composed_ops() {
+    fn masked_softmax_matches_the_composed_ops() {
         let dev = Device::Cpu;
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(13);
         let mut v =
             |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-3.0..3.0)).collect() };
-        let mut xs = v(2 * 3 * 5 * 5);
-        xs[7] = f32::MIN; // masked entries as the attention bias makes them
-        let x = Var::from_vec(xs, (2, 3, 5, 5), &dev).unwrap();
-        let r = Tensor::from_vec(v(150), (2, 3, 5, 5), &dev).unwrap();
-        let fused = x.apply_op1(SoftmaxLastDimOp).unwrap();
-        let composed = candle_nn::ops::softmax(&x, D::Minus1).unwrap();
+        let (b, h, t) = (2, 3, 5);
+        let x = Var::from_vec(v(b * h * t * t), (b, h, t, t), &dev).unwrap();
+        let bias = crate::model::gpt_neox::attention_bias(
+            b,
+            t,
+            Some(&Tensor::from_vec(vec![1u8, 1, 0, 1, 1, 0, 1, 1, 1, 1], (b, t), &dev).unwrap()),
+            &dev,
+        )
+        .unwrap();
+        let r = Tensor::from_vec(v(b * h * t * t), (b, h, t, t), &dev).unwrap();
+        let fused = x.apply_op2(&bias, MaskedSoftmaxOp { scale: 0.3 }).unwrap();
+        let composed = candle_nn::ops::softmax(
+            &(x.as_tensor() * 0.3).unwrap().broadcast_add(&bias).unwrap(),
+            D::Minus1,
+        )
+        .unwrap();
         let gf = (fused.clone() * &r)
             .unwrap()
             .sum_all()
@@ -397,11 +428,11 @@ mod softmax_op_tests {
             .unwrap()
             .backward()
             .unwrap();
-        for (a, b) in [
+        for (a, c) in [
             (fused, composed),
             (gf.get(&x).unwrap().clone(), gc.get(&x).unwrap().clone()),
         ] {
-            for (p, q) in host(&a).unwrap().iter().zip(&host(&b).unwrap()) {
+            for (p, q) in host(&a).unwrap().iter().zip(&host(&c).unwrap()) {
                 assert!((p - q).abs() < 1e-5, "{p} vs {q}");
             }
         }

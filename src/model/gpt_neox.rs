@@ -309,11 +309,17 @@ impl NeoX {
         let q = rot(qkv.narrow(3, 0, hd)?)?;
         let k = rot(qkv.narrow(3, hd, hd)?)?;
         let v = qkv.narrow(3, 2 * hd, hd)?.contiguous()?;
-        let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?.broadcast_add(bias)?;
-        let p = if scores.device().is_cpu() && scores.dtype() == DType::F32 {
-            scores.contiguous()?.apply_op1(ops::SoftmaxLastDimOp)?
+        let scale = 1.0 / (hd as f64).sqrt();
+        let raw = q.matmul(&k.t()?)?; // [B, nh, T, T]
+        let p = if fused_rotary {
+            raw.apply_op2(
+                bias,
+                ops::MaskedSoftmaxOp {
+                    scale: scale as f32,
+                },
+            )?
         } else {
-            candle_nn::ops::softmax(&scores, D::Minus1)?
+            candle_nn::ops::softmax(&(raw * scale)?.broadcast_add(bias)?, D::Minus1)?
         };
         let o = p
             .matmul(&v)? // [B, nh, T, hd]
