@@ -113,9 +113,18 @@ mod tests {
     use candle_core::{Device, Tensor};
     use rand::{Rng, SeedableRng};
 
-    fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
+    pub(super) fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
         (0..n).map(|_| rng.random_range(-2.0..2.0)).collect()
+    }
+
+    /// Forward values and input gradients of a custom op against the composed candle ops.
+    pub(super) fn assert_pairs_close(pairs: &[(&Tensor, &Tensor)], tol: f32) {
+        for (i, (a, b)) in pairs.iter().enumerate() {
+            for (p, q) in host(a).unwrap().iter().zip(&host(b).unwrap()) {
+                assert!((p - q).abs() < tol, "pair {i}: {p} vs {q}");
+            }
+        }
     }
 
     #[test]
@@ -176,6 +185,18 @@ fn host(t: &candle_core::Tensor) -> candle_core::Result<Vec<f32>> {
     t.flatten_all()?.to_vec1::<f32>()
 }
 
+/// The float32 data of a custom op's contiguous input.
+fn input<'a>(
+    s: &'a candle_core::CpuStorage,
+    l: &candle_core::Layout,
+    op: &str,
+) -> candle_core::Result<&'a [f32]> {
+    let (a, b) = l
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg(format!("{op}: non-contiguous input")))?;
+    Ok(&s.as_slice::<f32>()?[a..b])
+}
+
 impl candle_core::CustomOp3 for LayerNormOp {
     fn name(&self) -> &'static str {
         "layer-norm"
@@ -190,20 +211,13 @@ impl candle_core::CustomOp3 for LayerNormOp {
         s3: &candle_core::CpuStorage,
         l3: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        let slice = |s: &candle_core::CpuStorage,
-                     l: &candle_core::Layout|
-         -> candle_core::Result<Vec<f32>> {
-            let data = s.as_slice::<f32>()?;
-            match l.contiguous_offsets() {
-                Some((a, b)) => Ok(data[a..b].to_vec()),
-                None => Err(candle_core::Error::Msg(
-                    "layer-norm: non-contiguous input".into(),
-                )),
-            }
-        };
-        let (x, w, b) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
+        let (x, w, b) = (
+            input(s1, l1, self.name())?,
+            input(s2, l2, self.name())?,
+            input(s3, l3, self.name())?,
+        );
         let mut out = vec![0f32; x.len()];
-        layer_norm(&x, &w, &b, self.eps, &mut out);
+        layer_norm(x, w, b, self.eps, &mut out);
         Ok((candle_core::CpuStorage::F32(out), l1.shape().clone()))
     }
 
@@ -264,14 +278,15 @@ impl candle_core::CustomOp3 for LayerNormOp {
 mod layer_norm_op_tests {
     use super::*;
     use candle_core::{Device, Tensor, Var};
-    use rand::{Rng, SeedableRng};
 
     #[test]
     fn fused_layer_norm_gradients_match_the_composed_ops() {
         let dev = Device::Cpu;
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
-        let mut v =
-            |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-2.0..2.0)).collect() };
+        let mut seed = 9;
+        let mut v = |n: usize| {
+            seed += 1;
+            super::tests::rand_vec(n, seed)
+        };
         let (rows, d) = (7, 24);
         let x = Var::from_vec(v(rows * d), (rows, d), &dev).unwrap();
         let w = Var::from_vec(v(d), d, &dev).unwrap();
@@ -293,16 +308,11 @@ mod layer_norm_op_tests {
                 .backward()
                 .unwrap(),
         );
-        let close = |a: &Tensor, b: &Tensor, what: &str| {
-            let (a, b) = (host(a).unwrap(), host(b).unwrap());
-            for (p, q) in a.iter().zip(&b) {
-                assert!((p - q).abs() < 1e-4, "{what}: {p} vs {q}");
-            }
-        };
-        close(&fused, &composed, "forward");
-        for (t, what) in [(&x, "dx"), (&w, "dw"), (&b, "db")] {
-            close(gf.get(t).unwrap(), gc.get(t).unwrap(), what);
+        let mut pairs = vec![(&fused, &composed)];
+        for t in [&x, &w, &b] {
+            pairs.push((gf.get(t).unwrap(), gc.get(t).unwrap()));
         }
+        super::tests::assert_pairs_close(&pairs, 1e-4);
     }
 }
 
@@ -326,13 +336,7 @@ impl candle_core::CustomOp2 for MaskedSoftmaxOp {
         l2: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
         let err = |m: &str| candle_core::Error::Msg(format!("masked-softmax: {m}"));
-        let (a, b) = l1
-            .contiguous_offsets()
-            .ok_or_else(|| err("non-contiguous scores"))?;
-        let (c, d) = l2
-            .contiguous_offsets()
-            .ok_or_else(|| err("non-contiguous bias"))?;
-        let (x, bias) = (&s1.as_slice::<f32>()?[a..b], &s2.as_slice::<f32>()?[c..d]);
+        let (x, bias) = (input(s1, l1, self.name())?, input(s2, l2, self.name())?);
         let dims = l1.dims();
         if dims.len() != 4 || l2.dims() != [dims[0], 1, dims[2], dims[3]] {
             return Err(err("expected scores [B, h, T, S] and bias [B, 1, T, S]"));
@@ -392,14 +396,15 @@ impl candle_core::CustomOp2 for MaskedSoftmaxOp {
 mod masked_softmax_tests {
     use super::*;
     use candle_core::{Device, Tensor, Var, D};
-    use rand::{Rng, SeedableRng};
 
     #[test]
     fn masked_softmax_matches_the_composed_ops() {
         let dev = Device::Cpu;
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(13);
-        let mut v =
-            |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-3.0..3.0)).collect() };
+        let mut seed = 13;
+        let mut v = |n: usize| {
+            seed += 1;
+            super::tests::rand_vec(n, seed)
+        };
         let (b, h, t) = (2, 3, 5);
         let x = Var::from_vec(v(b * h * t * t), (b, h, t, t), &dev).unwrap();
         let bias = crate::model::gpt_neox::attention_bias(
@@ -428,14 +433,13 @@ mod masked_softmax_tests {
             .unwrap()
             .backward()
             .unwrap();
-        for (a, c) in [
-            (fused, composed),
-            (gf.get(&x).unwrap().clone(), gc.get(&x).unwrap().clone()),
-        ] {
-            for (p, q) in host(&a).unwrap().iter().zip(&host(&c).unwrap()) {
-                assert!((p - q).abs() < 1e-5, "{p} vs {q}");
-            }
-        }
+        super::tests::assert_pairs_close(
+            &[
+                (&fused, &composed),
+                (gf.get(&x).unwrap(), gc.get(&x).unwrap()),
+            ],
+            1e-5,
+        );
     }
 }
 
@@ -469,16 +473,13 @@ impl candle_core::CustomOp1 for RotaryOp {
         s: &candle_core::CpuStorage,
         l: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        let data = s.as_slice::<f32>()?;
-        let (a, b) = l
-            .contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg("rotary: non-contiguous input".into()))?;
+        let x = input(s, l, self.name())?;
         if l.dims().len() != 4 {
             return Err(candle_core::Error::Msg(
                 "rotary: expected [B, heads, T, hd]".into(),
             ));
         }
-        let out = self.run(&data[a..b], l.dims(), false);
+        let out = self.run(x, l.dims(), false);
         Ok((candle_core::CpuStorage::F32(out), l.shape().clone()))
     }
 
@@ -502,16 +503,17 @@ impl candle_core::CustomOp1 for RotaryOp {
 mod rotary_op_tests {
     use super::*;
     use candle_core::{Device, Tensor, Var};
-    use rand::{Rng, SeedableRng};
 
     #[test]
     fn fused_rotary_matches_rope_slow_forward_and_backward() {
         let dev = Device::Cpu;
         let (b, h, t, hd, rd) = (2, 3, 6, 8, 4);
         let rot = std::sync::Arc::new(super::super::attention::Rotary::new(rd, 10000.0, 16));
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(12);
-        let mut v =
-            |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-2.0..2.0)).collect() };
+        let mut seed = 12;
+        let mut v = |n: usize| {
+            seed += 1;
+            super::tests::rand_vec(n, seed)
+        };
         let x = Var::from_vec(v(b * h * t * hd), (b, h, t, hd), &dev).unwrap();
         let r = Tensor::from_vec(v(b * h * t * hd), (b, h, t, hd), &dev).unwrap();
         let fused = x
@@ -541,13 +543,12 @@ mod rotary_op_tests {
             .unwrap()
             .backward()
             .unwrap();
-        for (a, c) in [
-            (fused, reference),
-            (gf.get(&x).unwrap().clone(), gr.get(&x).unwrap().clone()),
-        ] {
-            for (p, q) in host(&a).unwrap().iter().zip(&host(&c).unwrap()) {
-                assert!((p - q).abs() < 1e-5, "{p} vs {q}");
-            }
-        }
+        super::tests::assert_pairs_close(
+            &[
+                (&fused, &reference),
+                (gf.get(&x).unwrap(), gr.get(&x).unwrap()),
+            ],
+            1e-5,
+        );
     }
 }
