@@ -5,7 +5,6 @@ mod common;
 
 use blockformer::config::{BlockConfig, ModelConfig, NeoXConfig};
 use blockformer::eval::{accumulate_block, accumulate_vanilla, evaluate, windows, Accum};
-use blockformer::model::block_transformer::BlockBatch;
 use blockformer::model::{Arch, Model};
 use candle_core::Device;
 use common::*;
@@ -20,16 +19,8 @@ fn eval_equals_the_official_forward_loss_on_the_fixtures() {
         let mut acc;
         match &model.arch {
             Arch::Block(bt) => {
-                let (b, n, l) = (ids.shape[0], ids.shape[1], ids.shape[2]);
-                let batch = BlockBatch {
-                    batch: b,
-                    n_blocks: n,
-                    block_length: l,
-                    input_ids: ids.ints(),
-                    attention_mask: fx.arr("fwd_attention_mask").ints(),
-                    block_mask: fx.arr("fwd_block_attention_mask").ints(),
-                    labels: Some(fx.arr("fwd_labels").ints()),
-                };
+                let l = ids.shape[2];
+                let batch = fx.block_batch(true);
                 acc = Accum::new(l);
                 accumulate_block(bt, &batch, &mut acc).unwrap();
                 for (j, (got, w)) in acc

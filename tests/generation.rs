@@ -15,29 +15,17 @@ fn official_generate_cases_reproduced_token_for_token() {
     for dir in fixture_dirs() {
         let fx = Fixture::load(&dir);
         let model = Arc::new(fx.model());
-        for case in fx.json["generation"].as_array().unwrap() {
-            let name = format!("{}/{}", fx.name(), case["case"].as_str().unwrap());
-            let ids = ids_2d(&case["input_ids"]);
-            let mask: Option<Vec<Vec<u8>>> = case
-                .get("attention_mask")
-                .filter(|m| !m.is_null())
-                .map(|m| {
-                    ids_2d(m)
-                        .into_iter()
-                        .map(|r| r.into_iter().map(|x| x as u8).collect())
-                        .collect()
-                });
-            let (limit, eos) = if fx.is_block() {
-                (
-                    case["max_length"].as_u64().unwrap() as usize,
-                    case["eos_token_id_override"].as_u64().map(|x| x as u32),
-                )
-            } else {
-                (case["max_new_tokens"].as_u64().unwrap() as usize, None)
-            };
-            let got = official::generate(model.clone(), &ids, mask.as_deref(), limit, eos).unwrap();
-            let want = ids_2d(&case["output_ids"]);
-            assert_eq!(got, want, "{name}");
+        for case in fx.generation_cases() {
+            let got = official::generate(
+                model.clone(),
+                &case.input_ids,
+                case.mask.as_deref(),
+                case.limit,
+                case.eos,
+            )
+            .unwrap();
+            let (name, want) = (&case.name, &case.output_ids);
+            assert_eq!(&got, want, "{name}");
             println!(
                 "{name}: {} rows x {} ids reproduced",
                 want.len(),

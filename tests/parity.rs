@@ -3,26 +3,12 @@
 
 mod common;
 
-use blockformer::model::block_transformer::{BlockBatch, ForwardOptions};
+use blockformer::model::block_transformer::ForwardOptions;
 use blockformer::model::Arch;
 use common::*;
 
 const LOGITS_TOL: f32 = 1e-4;
 const LOSS_TOL: f64 = 1e-5;
-
-fn block_batch(fx: &Fixture, with_labels: bool) -> BlockBatch {
-    let ids = fx.arr("fwd_input_ids");
-    let (b, n, l) = (ids.shape[0], ids.shape[1], ids.shape[2]);
-    BlockBatch {
-        batch: b,
-        n_blocks: n,
-        block_length: l,
-        input_ids: ids.ints(),
-        attention_mask: fx.arr("fwd_attention_mask").ints(),
-        block_mask: fx.arr("fwd_block_attention_mask").ints(),
-        labels: with_labels.then(|| fx.arr("fwd_labels").ints()),
-    }
-}
 
 #[test]
 fn block_forward_matches_official() {
@@ -41,7 +27,7 @@ fn block_forward_matches_official() {
         for (skip, key) in [(true, "fwd_logits"), (false, "fwd_logits_no_skip")] {
             let out = bt
                 .forward(
-                    &block_batch(&fx, false),
+                    &fx.block_batch(false),
                     ForwardOptions {
                         skip_padding_blocks: skip,
                         want_logits: true,
@@ -87,7 +73,7 @@ fn block_forward_matches_official() {
 
         // Loss and loss by position (with labels).
         let out = bt
-            .forward(&block_batch(&fx, true), ForwardOptions::default())
+            .forward(&fx.block_batch(true), ForwardOptions::default())
             .unwrap();
         let loss = out.loss.as_ref().unwrap().to_scalar::<f32>().unwrap() as f64;
         let want = fx.arr("fwd_loss").data[0];

@@ -5,7 +5,7 @@ use blockformer::checkpoint::{self, ArchSource};
 use blockformer::config;
 use blockformer::model::Model;
 use blockformer::tokenizer::Tokenizer;
-use candle_core::Device;
+use candle_core::{DType, Device};
 use std::path::PathBuf;
 
 /// Which model to use.
@@ -28,9 +28,12 @@ pub struct ModelArgs {
     /// Seed of the random weights when no checkpoint is given.
     #[arg(long, default_value_t = 0)]
     pub weights_seed: u64,
-    /// Device: cpu (cuda needs a build with the `cuda` feature).
+    /// Device: cpu, or cuda[:N] (a build with the `cuda` feature and an NVIDIA GPU).
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// Weight (and GPU KV-cache) dtype: f32, bf16 or f16. Default: f32 on the CPU, bf16 on CUDA.
+    #[arg(long)]
+    pub dtype: Option<String>,
 }
 
 pub struct LoadedModel {
@@ -39,19 +42,48 @@ pub struct LoadedModel {
     pub tokenizer: Option<Tokenizer>,
 }
 
+/// Parses `--device`: `cpu`, `cuda` or `cuda:N`.
 pub fn device(name: &str) -> anyhow::Result<Device> {
-    match name {
-        "cpu" => Ok(Device::Cpu),
-        d if d == "cuda" || d.starts_with("cuda:") => {
-            bail!("--device {d}: this binary was built without CUDA support (rebuild with `--features cuda`)")
-        }
-        other => bail!("--device {other}: unknown device (expected cpu or cuda[:N])"),
+    let ordinal = match name {
+        "cpu" => return Ok(Device::Cpu),
+        "cuda" => 0,
+        d => match d.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(n)) => n,
+            Some(Err(_)) => bail!("--device {d}: expected cuda:N with N a GPU index"),
+            None => bail!("--device {d}: unknown device (expected cpu or cuda[:N])"),
+        },
+    };
+    if !candle_core::utils::cuda_is_available() {
+        bail!(
+            "--device {name}: this binary was built without CUDA support \
+             (build it with scripts/build-cuda.sh, i.e. `cargo build --features cuda`)"
+        );
     }
+    Device::new_cuda(ordinal).map_err(|e| {
+        let first = e.to_string();
+        let first = first.lines().next().unwrap_or_default().to_string();
+        anyhow::anyhow!(
+            "--device {name}: no CUDA device could be opened (no CUDA device or driver?): {first}"
+        )
+    })
+}
+
+/// Parses `--dtype` (default: f32 on the CPU, bf16 on a GPU).
+pub fn dtype(name: Option<&str>, dev: &Device) -> anyhow::Result<DType> {
+    Ok(match name {
+        None if dev.is_cpu() => DType::F32,
+        None => DType::BF16,
+        Some("f32") => DType::F32,
+        Some("bf16") => DType::BF16,
+        Some("f16") => DType::F16,
+        Some(o) => bail!("--dtype {o}: expected f32, bf16 or f16"),
+    })
 }
 
 impl ModelArgs {
     pub fn load(&self) -> anyhow::Result<LoadedModel> {
         let dev = device(&self.device)?;
+        let dt = dtype(self.dtype.as_deref(), &dev)?;
         let (model, description, tok_path) = match (&self.model, &self.preset, &self.config) {
             (Some(path), preset, cfg) => {
                 let l = checkpoint::load(path, preset.as_deref(), cfg.as_deref(), &dev)?;
@@ -96,6 +128,13 @@ impl ModelArgs {
             (None, None, None) => {
                 bail!("no model: give --model DIR, --preset NAME or --config FILE")
             }
+        };
+        let model = if model.dtype() == dt {
+            model
+        } else {
+            model
+                .to(&dev, dt)
+                .with_context(|| format!("converting the weights to {dt:?}"))?
         };
         let tok_path = self.tokenizer.clone().or(tok_path);
         let tokenizer = match tok_path {

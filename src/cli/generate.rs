@@ -3,7 +3,7 @@
 use super::common::{parse_ids, ModelArgs};
 use anyhow::{bail, Context};
 use blockformer::generate::{
-    Engine, EngineOptions, FinishReason, GenRequest, PositionMode, SamplingParams,
+    Backend, Engine, EngineOptions, FinishReason, GenRequest, PositionMode, SamplingParams,
 };
 use blockformer::kernels::attention::KvDtype;
 use blockformer::tokenizer::StreamDecoder;
@@ -32,6 +32,26 @@ impl From<KvCacheType> for KvDtype {
         match k {
             KvCacheType::F32 => KvDtype::F32,
             KvCacheType::F16 => KvDtype::F16,
+        }
+    }
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendArg {
+    /// Host kernels for float32 on the CPU, tensor ops otherwise.
+    Auto,
+    /// Hand-written CPU kernels (float32 CPU models).
+    Host,
+    /// Candle ops with device-resident KV pools (the GPU path; also runs on the CPU).
+    Tensor,
+}
+
+impl From<BackendArg> for Backend {
+    fn from(b: BackendArg) -> Backend {
+        match b {
+            BackendArg::Auto => Backend::Auto,
+            BackendArg::Host => Backend::Host,
+            BackendArg::Tensor => Backend::Tensor,
         }
     }
 }
@@ -72,6 +92,9 @@ pub struct Args {
     /// traffic of long contexts; the math stays float32).
     #[arg(long, value_enum, default_value_t = KvCacheType::F32)]
     pub kv_cache: KvCacheType,
+    /// Decode path: auto (host kernels for float32 on the CPU, else tensor ops), host or tensor.
+    #[arg(long, value_enum, default_value_t = BackendArg::Auto)]
+    pub backend: BackendArg,
     /// Do not stop at the EOS token.
     #[arg(long)]
     pub ignore_eos: bool,
@@ -130,6 +153,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             positions,
             max_batch: a.batch_size,
             kv_dtype: a.kv_cache.into(),
+            backend: a.backend.into(),
+            max_context: prompts.iter().map(|p| p.len() + a.max_new_tokens).max(),
         },
     );
     let mut rows: HashMap<u64, usize> = HashMap::new();

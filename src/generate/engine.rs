@@ -6,6 +6,7 @@ use super::sampling::{self, Sampler, SamplingParams};
 use super::PositionMode;
 use crate::error::{Error, Result};
 use crate::kernels::attention::{KvCache, KvDtype, RowSpec};
+use crate::kernels::kv_pool::KvPool;
 use crate::model::{Arch, BlockTransformer, Model, Vanilla};
 use candle_core::Tensor;
 use rayon::prelude::*;
@@ -78,9 +79,28 @@ pub struct EngineOptions {
     pub positions: PositionMode,
     /// Rows decoded together; more requests wait in a queue.
     pub max_batch: usize,
-    /// Element type of the long-lived caches (block decoder, vanilla); the token decoder's
-    /// per-block cache stays float32.
+    /// Element type of the long-lived caches (block decoder, vanilla) on the host path; the
+    /// token decoder's per-block cache stays float32. The tensor path keeps its caches in the
+    /// model's dtype.
     pub kv_dtype: KvDtype,
+    /// Host kernels or candle tensor ops (see [`Backend`]).
+    pub backend: Backend,
+    /// Tensor path: positions (tokens) each row's cache holds, i.e. the longest prompt plus
+    /// new tokens a request may ask for; `None`: the model's context length.
+    pub max_context: Option<usize>,
+}
+
+/// How the engine runs the cached forward.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Backend {
+    /// Host kernels for a float32 model on the CPU, else the tensor path.
+    #[default]
+    Auto,
+    /// Hand-written CPU kernels over per-sequence host caches (float32 CPU models only).
+    Host,
+    /// Candle ops on the model's device and dtype, caches in per-stack device pools with one
+    /// slot per running row (the GPU path; on the CPU it serves as its test twin).
+    Tensor,
 }
 
 impl Default for EngineOptions {
@@ -89,6 +109,8 @@ impl Default for EngineOptions {
             positions: PositionMode::Trained,
             max_batch: 64,
             kv_dtype: KvDtype::F32,
+            backend: Backend::Auto,
+            max_context: None,
         }
     }
 }
@@ -99,8 +121,11 @@ struct Seq {
     max_new: usize,
     eos: Option<u32>,
     logprobs: Option<usize>,
-    /// Block decoder cache (block models, over blocks) or the model's cache (vanilla).
+    /// Block decoder cache (block models, over blocks) or the model's cache (vanilla); given
+    /// when the row is admitted to the batch.
     cache: KvCache,
+    /// Positions `cache` must hold.
+    cache_len: usize,
     /// Token decoder cache for the current block (block models).
     td_cache: Option<KvCache>,
     /// Rotary position of cache entry 0 (leading all-padding blocks are dropped but keep
@@ -145,6 +170,9 @@ pub struct Engine {
     waiting: VecDeque<Seq>,
     events: Vec<StepEvent>,
     next_id: SeqId,
+    /// Tensor path: the main stack's pool and the token decoder's (block models), created at
+    /// the first step.
+    pools: Option<(Arc<KvPool>, Option<Arc<KvPool>>)>,
 }
 
 impl Engine {
@@ -160,7 +188,101 @@ impl Engine {
             events: Vec::new(),
             next_id: 0,
             stats: EngineStats::default(),
+            pools: None,
         }
+    }
+
+    /// Whether this engine runs the tensor path.
+    pub fn tensor_path(&self) -> bool {
+        match self.opts.backend {
+            Backend::Host => false,
+            Backend::Tensor => true,
+            Backend::Auto => {
+                !(self.model.device().is_cpu() && self.model.dtype() == candle_core::DType::F32)
+            }
+        }
+    }
+
+    /// Positions a row's main cache may hold on the tensor path (tokens for vanilla models,
+    /// blocks for block models).
+    fn pool_capacity(&self) -> usize {
+        let tokens = self
+            .opts
+            .max_context
+            .unwrap_or_else(|| self.model.config.context_length());
+        match &self.model.arch {
+            Arch::Block(bt) => tokens.div_ceil(bt.cfg.block_length) + 2,
+            Arch::Vanilla(_) => tokens,
+        }
+    }
+
+    /// Creates the tensor path's pools (once).
+    fn ensure_pools(&mut self) -> Result<()> {
+        if self.pools.is_some() {
+            return Ok(());
+        }
+        let (dev, dtype) = (self.model.device(), self.model.dtype());
+        let slots = self.opts.max_batch;
+        let pool = |stack: &crate::model::gpt_neox::NeoX, cap: usize| {
+            let c = &stack.cfg;
+            KvPool::new(
+                c.num_hidden_layers,
+                c.num_attention_heads,
+                c.head_dim(),
+                cap,
+                slots,
+                dtype,
+                &dev,
+            )
+        };
+        let cap = self.pool_capacity();
+        self.pools = Some(match &self.model.arch {
+            Arch::Block(bt) => {
+                let td = &bt.token_decoder;
+                let td_cap = td.n_prefix + bt.cfg.block_length.saturating_sub(1);
+                (
+                    pool(&bt.block_decoder.stack, cap)?,
+                    Some(pool(&td.stack, td_cap)?),
+                )
+            }
+            Arch::Vanilla(v) => (pool(&v.stack, cap)?, None),
+        });
+        Ok(())
+    }
+
+    /// Gives an admitted row its caches.
+    fn allocate(&self, s: &mut Seq) -> Result<()> {
+        if let Some((main, td)) = &self.pools {
+            if s.cache_len > main.capacity {
+                return Err(Error::input(
+                    "max_context",
+                    format!(
+                        "a request needs {} cache positions but the engine's rows hold {} \
+                         (raise the engine's maximum context)",
+                        s.cache_len, main.capacity
+                    ),
+                ));
+            }
+            let full = || Error::input("max_batch", "no free cache slot");
+            s.cache = KvCache::in_slot(main.acquire().ok_or_else(full)?);
+            if let Some(td) = td {
+                s.td_cache = Some(KvCache::in_slot(td.acquire().ok_or_else(full)?));
+            }
+            return Ok(());
+        }
+        match &self.model.arch {
+            Arch::Block(bt) => {
+                s.cache = bt
+                    .block_decoder
+                    .stack
+                    .new_cache_typed(s.cache_len, self.opts.kv_dtype);
+                s.td_cache = Some(bt.token_decoder.new_block_cache(bt.cfg.block_length));
+            }
+            Arch::Vanilla(v) => {
+                s.cache = v.stack.new_cache_typed(s.cache_len, self.opts.kv_dtype);
+            }
+        }
+        Ok(())
     }
 
     /// Time spent so far, by part.
@@ -246,11 +368,22 @@ impl Engine {
             return Err(Error::input("attention_mask", "masks out the whole prompt"));
         }
         let id = self.next_id;
-        self.next_id += 1;
         let seq = match &self.model.arch {
             Arch::Block(bt) => self.new_block_seq(bt, id, &req, &mask),
-            Arch::Vanilla(v) => Self::new_vanilla_seq(v, id, &req, &mask, self.opts.kv_dtype),
+            Arch::Vanilla(_) => Self::new_vanilla_seq(id, &req, &mask),
         };
+        if self.tensor_path() && seq.cache_len > self.pool_capacity() {
+            return Err(Error::input(
+                "max_new_tokens",
+                format!(
+                    "prompt plus max_new_tokens needs {} cache positions but this engine's rows \
+                     hold {} (its maximum context)",
+                    seq.cache_len,
+                    self.pool_capacity()
+                ),
+            ));
+        }
+        self.next_id += 1;
         if req.max_new_tokens == 0 {
             self.events.push(StepEvent {
                 id,
@@ -291,11 +424,9 @@ impl Engine {
             max_new: req.max_new_tokens,
             eos: req.eos_token_id,
             logprobs: req.logprobs,
-            cache: bt
-                .block_decoder
-                .stack
-                .new_cache_typed(blocks, self.opts.kv_dtype),
-            td_cache: Some(bt.token_decoder.new_block_cache(l)),
+            cache: KvCache::new(0, 0, 0, 0),
+            cache_len: blocks,
+            td_cache: None,
             pos_offset: dropped,
             pending,
             generated: 0,
@@ -305,13 +436,7 @@ impl Engine {
         }
     }
 
-    fn new_vanilla_seq(
-        v: &Vanilla,
-        id: SeqId,
-        req: &GenRequest,
-        mask: &[u8],
-        kv_dtype: KvDtype,
-    ) -> Seq {
+    fn new_vanilla_seq(id: SeqId, req: &GenRequest, mask: &[u8]) -> Seq {
         // Padding is dropped: HF positions are cumsum(mask) - 1 and padded keys get zero weight.
         let pending: Vec<u32> = req
             .prompt
@@ -326,9 +451,8 @@ impl Engine {
             max_new: req.max_new_tokens,
             eos: req.eos_token_id,
             logprobs: req.logprobs,
-            cache: v
-                .stack
-                .new_cache_typed(pending.len() + req.max_new_tokens, kv_dtype),
+            cache: KvCache::new(0, 0, 0, 0),
+            cache_len: pending.len() + req.max_new_tokens,
             td_cache: None,
             pos_offset: 0,
             pending,
@@ -364,9 +488,18 @@ impl Engine {
     /// Admits waiting rows, decodes one block (or token) for every running row, and returns
     /// what each row produced.
     pub fn step(&mut self) -> Result<Vec<StepEvent>> {
+        if self.tensor_path() && !self.waiting.is_empty() {
+            self.ensure_pools()?;
+        }
         while self.running.len() < self.opts.max_batch {
             match self.waiting.pop_front() {
-                Some(s) => self.running.push(s),
+                Some(mut s) => {
+                    if let Err(e) = self.allocate(&mut s) {
+                        self.waiting.push_front(s);
+                        return Err(e);
+                    }
+                    self.running.push(s)
+                }
                 None => break,
             }
         }
@@ -598,6 +731,14 @@ impl Engine {
         Ok(events)
     }
 
+    /// Whether every row in `rows` decodes greedily without logprobs.
+    fn greedy_only(&self, rows: &[usize]) -> bool {
+        rows.iter().all(|&r| {
+            let s = &self.running[r];
+            s.logprobs.is_none() && s.sampler.is_greedy()
+        })
+    }
+
     /// Samples one token for each row in `rows` from `logits [rows.len(), V]`.
     fn pick(
         &mut self,
@@ -612,7 +753,22 @@ impl Engine {
         }
         let t = Instant::now();
         let v = logits.dim(1)?;
-        let host: Vec<f32> = logits.flatten_all()?.to_vec1()?;
+        if !logits.device().is_cpu() && self.greedy_only(rows) {
+            // One argmax on the device and a copy of one id per row.
+            let ids: Vec<u32> = logits.argmax(candle_core::D::Minus1)?.to_vec1()?;
+            for (&r, tok) in rows.iter().zip(ids) {
+                out[r].push(tok);
+                if self.running[r].eos == Some(tok) {
+                    hit_eos[r] = true;
+                }
+            }
+            self.stats.sampling_s += t.elapsed().as_secs_f64();
+            return Ok(());
+        }
+        let host: Vec<f32> = logits
+            .to_dtype(candle_core::DType::F32)?
+            .flatten_all()?
+            .to_vec1()?;
         // Rows are independent (each has its own sampler): pick in parallel, in row order.
         let mut picked: Vec<(usize, &mut Seq)> = Vec::with_capacity(rows.len());
         let mut want = rows.iter().peekable();

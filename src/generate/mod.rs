@@ -16,7 +16,8 @@ pub mod official;
 pub mod sampling;
 
 pub use engine::{
-    Engine, EngineOptions, EngineStats, FinishReason, GenRequest, SeqId, StepEvent, TokenLogprob,
+    Backend, Engine, EngineOptions, EngineStats, FinishReason, GenRequest, SeqId, StepEvent,
+    TokenLogprob,
 };
 pub use sampling::{Sampler, SamplingParams};
 

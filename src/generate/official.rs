@@ -3,7 +3,7 @@
 //! generation positions, length rule and EOS fillers) and Hugging Face
 //! `GPTNeoXForCausalLM.generate(max_new_tokens)` (greedy) for vanilla models.
 
-use super::{Engine, EngineOptions, FinishReason, GenRequest, PositionMode};
+use super::{Backend, Engine, EngineOptions, FinishReason, GenRequest, PositionMode};
 use crate::error::{Error, Result};
 use crate::model::{Arch, Model};
 use std::sync::Arc;
@@ -19,6 +19,25 @@ pub fn generate(
     attention_mask: Option<&[Vec<u8>]>,
     limit: usize,
     eos_token_id: Option<u32>,
+) -> Result<Vec<Vec<u32>>> {
+    generate_on(
+        model,
+        input_ids,
+        attention_mask,
+        limit,
+        eos_token_id,
+        Backend::Auto,
+    )
+}
+
+/// [`generate`] on a chosen engine backend.
+pub fn generate_on(
+    model: Arc<Model>,
+    input_ids: &[Vec<u32>],
+    attention_mask: Option<&[Vec<u8>]>,
+    limit: usize,
+    eos_token_id: Option<u32>,
+    backend: Backend,
 ) -> Result<Vec<Vec<u32>>> {
     let p = input_ids.first().map_or(0, Vec::len);
     if input_ids.iter().any(|r| r.len() != p) {
@@ -50,6 +69,7 @@ pub fn generate(
         EngineOptions {
             positions,
             max_batch: input_ids.len(),
+            backend,
             ..Default::default()
         },
     );

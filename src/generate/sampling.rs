@@ -67,6 +67,11 @@ impl Sampler {
     }
 
     /// Chooses the next token from raw logits.
+    /// Temperature 0: the argmax, no randomness.
+    pub fn is_greedy(&self) -> bool {
+        self.params.temperature == 0.0
+    }
+
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
         if self.params.temperature == 0.0 {
             return argmax(logits);

@@ -56,6 +56,22 @@ impl Rotary {
             .unwrap_or(usize::MAX)
     }
 
+    /// Appends `cos(pos * inv_freq_i)` and `sin(..)` for `i < dims/2` (the values
+    /// [`Rotary::apply`] uses).
+    pub fn cos_sin(&self, pos: usize, cos: &mut Vec<f32>, sin: &mut Vec<f32>) {
+        let half = self.dims / 2;
+        if pos < self.table_len() {
+            cos.extend_from_slice(&self.cos[pos * half..(pos + 1) * half]);
+            sin.extend_from_slice(&self.sin[pos * half..(pos + 1) * half]);
+        } else {
+            for f in &self.inv_freq {
+                let a = pos as f32 * f;
+                cos.push(a.cos());
+                sin.push(a.sin());
+            }
+        }
+    }
+
     /// Rotates the first `dims` entries of a head vector in place (`x*cos + rotate_half(x)*sin`).
     #[inline]
     pub fn apply(&self, x: &mut [f32], pos: usize) {
@@ -127,8 +143,16 @@ pub enum KvDtype {
 /// Storage of a [`KvCache`].
 #[derive(Clone, Debug)]
 enum KvStore {
-    F32 { k: Vec<f32>, v: Vec<f32> },
-    F16 { k: Vec<f16>, v: Vec<f16> },
+    F32 {
+        k: Vec<f32>,
+        v: Vec<f32>,
+    },
+    F16 {
+        k: Vec<f16>,
+        v: Vec<f16>,
+    },
+    /// A slot of a device pool (the tensor path).
+    Slot(std::sync::Arc<super::kv_pool::SlotRef>),
 }
 
 /// What a cache element must do: be stored from float32, and read back as float32 (in place
@@ -207,10 +231,33 @@ impl KvCache {
         }
     }
 
-    pub fn dtype(&self) -> KvDtype {
-        match self.store {
-            KvStore::F32 { .. } => KvDtype::F32,
-            KvStore::F16 { .. } => KvDtype::F16,
+    /// A cache living in slot `slot.slot` of a device pool.
+    pub fn in_slot(slot: super::kv_pool::SlotRef) -> Self {
+        let p = &slot.pool;
+        KvCache {
+            layers: p.layers,
+            heads: p.heads,
+            head_dim: p.head_dim,
+            capacity: p.capacity,
+            len: 0,
+            store: KvStore::Slot(std::sync::Arc::new(slot)),
+        }
+    }
+
+    /// The pool slot of a tensor-path cache; `None` for host caches.
+    pub fn slot(&self) -> Option<&super::kv_pool::SlotRef> {
+        match &self.store {
+            KvStore::Slot(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// Element type of the stored keys and values.
+    pub fn dtype(&self) -> DType {
+        match &self.store {
+            KvStore::F32 { .. } => DType::F32,
+            KvStore::F16 { .. } => DType::F16,
+            KvStore::Slot(s) => s.pool.dtype(),
         }
     }
 
@@ -219,6 +266,7 @@ impl KvCache {
         match &self.store {
             KvStore::F32 { k, v } => (k.len() + v.len()) * 4,
             KvStore::F16 { k, v } => (k.len() + v.len()) * 2,
+            KvStore::Slot(s) => s.pool.slot_bytes(),
         }
     }
 
@@ -246,6 +294,12 @@ impl KvCache {
                 Tensor::from_slice(&k[r.clone()], shape, &dev)?.to_dtype(DType::F32)?,
                 Tensor::from_slice(&v[r], shape, &dev)?.to_dtype(DType::F32)?,
             ),
+            KvStore::Slot(s) => {
+                let get = |t: &Tensor| -> candle_core::Result<Tensor> {
+                    t.narrow(0, s.slot, 1)?.squeeze(0)?.to_dtype(DType::F32)
+                };
+                (get(&s.pool.k[layer])?, get(&s.pool.v[layer])?)
+            }
         })
     }
 }
@@ -309,14 +363,15 @@ pub fn cached_attention_split(
     head_dim: usize,
     write_only: &[bool],
 ) {
-    match caches.first().map(|c| c.dtype()) {
+    match caches.first().map(|c| &c.store) {
+        Some(KvStore::F32 { .. }) => run_tasks::<f32>(
+            qkv, out, rows, caches, layer, rotary, heads, head_dim, write_only,
+        ),
+        Some(KvStore::F16 { .. }) => run_tasks::<f16>(
+            qkv, out, rows, caches, layer, rotary, heads, head_dim, write_only,
+        ),
+        Some(KvStore::Slot(_)) => panic!("pool caches take the tensor path"),
         None => {}
-        Some(KvDtype::F32) => run_tasks::<f32>(
-            qkv, out, rows, caches, layer, rotary, heads, head_dim, write_only,
-        ),
-        Some(KvDtype::F16) => run_tasks::<f16>(
-            qkv, out, rows, caches, layer, rotary, heads, head_dim, write_only,
-        ),
     }
 }
 
@@ -329,7 +384,7 @@ impl Slices<f32> for KvCache {
     fn layer_mut(&mut self, r: std::ops::Range<usize>) -> (&mut [f32], &mut [f32]) {
         match &mut self.store {
             KvStore::F32 { k, v } => (&mut k[r.clone()], &mut v[r]),
-            KvStore::F16 { .. } => panic!("caches of one call must share a dtype"),
+            _ => panic!("caches of one call must share a dtype"),
         }
     }
 }
@@ -338,7 +393,7 @@ impl Slices<f16> for KvCache {
     fn layer_mut(&mut self, r: std::ops::Range<usize>) -> (&mut [f16], &mut [f16]) {
         match &mut self.store {
             KvStore::F16 { k, v } => (&mut k[r.clone()], &mut v[r]),
-            KvStore::F32 { .. } => panic!("caches of one call must share a dtype"),
+            _ => panic!("caches of one call must share a dtype"),
         }
     }
 }

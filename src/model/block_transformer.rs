@@ -258,7 +258,11 @@ impl BlockTransformer {
             let v = self.cfg.vocab_size();
             let mask: Vec<f32> = content.iter().map(|c| c.0 as u8 as f32).collect();
             let mask = Tensor::from_vec(mask, (k, l, 1), &dev)?;
-            let logits = self.token_decoder.logits(&hid)?.broadcast_mul(&mask)?; // [K, L, V]
+            let logits = self
+                .token_decoder
+                .logits(&hid)?
+                .to_dtype(DType::F32)?
+                .broadcast_mul(&mask)?; // [K, L, V]
             let kept_t = Tensor::new(
                 kept.iter()
                     .map(|&t| t as u32)
@@ -288,6 +292,7 @@ pub fn cross_entropy(logits: &Tensor, labels: &[i64]) -> Result<(Tensor, Vec<boo
     let c = labels.len();
     let safe: Vec<u32> = labels.iter().map(|&x| x.max(0) as u32).collect();
     let valid: Vec<f32> = labels.iter().map(|&x| (x >= 0) as u8 as f32).collect();
+    let logits = &logits.to_dtype(DType::F32)?;
     let logp = candle_nn::ops::log_softmax(logits, D::Minus1)?;
     let picked = logp
         .gather(&Tensor::from_vec(safe.clone(), (c, 1), dev)?, 1)?

@@ -14,12 +14,14 @@
 //! - [`NeoX::forward`]: whole sequences `[B, T, W]` with a key-padding mask, built only from
 //!   differentiable candle ops (training, scoring, parity tests);
 //! - [`NeoX::forward_cached`]: a ragged batch of new positions `[N, W]` over preallocated
-//!   per-sequence KV caches (generation).
+//!   per-sequence KV caches (generation): host buffers and hand-written kernels on the CPU, or
+//!   candle ops over the slots of a device-resident pool (the tensor path, used on GPUs).
 
 use super::{Init, WeightSource};
 use crate::config::NeoXConfig;
 use crate::error::Result;
 use crate::kernels::attention::{self, KvCache, KvDtype, Rotary, RowSpec};
+use crate::kernels::kv_pool::{self, KvPool, PoolStep};
 use crate::kernels::{matmul, ops};
 use candle_core::{DType, Device, Tensor, D};
 
@@ -125,10 +127,13 @@ impl LayerNorm {
                 },
             )?);
         }
+        // Statistics in float32 for half-precision inputs.
+        let dt = x.dtype();
+        let x = x.to_dtype(DType::F32)?;
         let mean = x.mean_keepdim(D::Minus1)?;
         let xc = x.broadcast_sub(&mean)?;
         let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
-        let y = xc.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        let y = xc.broadcast_div(&(var + self.eps)?.sqrt()?)?.to_dtype(dt)?;
         Ok(y.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)?)
     }
 
@@ -247,6 +252,7 @@ impl NeoX {
         let (b, t, _) = x.dims3()?;
         let bias = attention_bias(b, t, key_mask, x.device())?; // [B, 1, T, T]
         let (cos, sin) = self.rotary_tables(t, x.device())?; // [T, rd/2]
+        let (cos, sin) = (cos.to_dtype(x.dtype())?, sin.to_dtype(x.dtype())?);
         let mut h = x.clone();
         for layer in &self.layers {
             h = self.layer_forward(layer, &h, &bias, &cos, &sin)?;
@@ -319,7 +325,10 @@ impl NeoX {
                 },
             )?
         } else {
+            // Scores and softmax in float32 (the bias holds float32's minimum).
+            let raw = raw.to_dtype(DType::F32)?;
             candle_nn::ops::softmax(&(raw * scale)?.broadcast_add(bias)?, D::Minus1)?
+                .to_dtype(x.dtype())?
         };
         let o = p
             .matmul(&v)? // [B, nh, T, hd]
@@ -363,6 +372,9 @@ impl NeoX {
         rows: &[RowSpec],
         caches: &mut [&mut KvCache],
     ) -> Result<Tensor> {
+        if caches.first().is_some_and(|c| c.slot().is_some()) {
+            return self.forward_pooled(x, rows, caches);
+        }
         let (n, w) = x.dims2()?;
         let (nh, hd) = self.heads();
         let f = self.cfg.intermediate_size;
@@ -426,6 +438,103 @@ impl NeoX {
         let fb = HostView::new(&self.final_layer_norm.bias)?;
         ops::layer_norm(&h, fw.get(), fb.get(), eps, &mut a);
         Ok(Tensor::from_vec(a, (n, w), x.device())?)
+    }
+
+    /// [`NeoX::forward_cached`] over caches that are slots of one [`KvPool`]: the tensor path
+    /// (GPU, or any device and float dtype), every op a candle op in the model's dtype.
+    fn forward_pooled(
+        &self,
+        x: &Tensor,
+        rows: &[RowSpec],
+        caches: &mut [&mut KvCache],
+    ) -> Result<Tensor> {
+        let mut slots = Vec::with_capacity(caches.len());
+        let mut lens = Vec::with_capacity(caches.len());
+        let mut pool: Option<std::sync::Arc<KvPool>> = None;
+        for c in caches.iter() {
+            let s = c.slot().ok_or_else(|| {
+                crate::Error::input("kv cache", "host and pool caches mixed in one step")
+            })?;
+            match &pool {
+                Some(p) if !std::sync::Arc::ptr_eq(p, &s.pool) => {
+                    return Err(crate::Error::input(
+                        "kv cache",
+                        "caches of one step must share a pool",
+                    ))
+                }
+                Some(_) => {}
+                None => pool = Some(s.pool.clone()),
+            }
+            slots.push(s.slot);
+            lens.push(c.len);
+        }
+        let Some(pool) = pool else {
+            return Ok(x.clone());
+        };
+        let step = PoolStep::new(
+            &pool,
+            rows,
+            &slots,
+            &lens,
+            &self.rotary,
+            x.dtype(),
+            x.device(),
+        )?;
+        let mut h = x.clone();
+        for (li, layer) in self.layers.iter().enumerate() {
+            h = self.layer_pooled(layer, li, &h, &pool, &step)?;
+        }
+        attention::commit(rows, caches);
+        self.final_layer_norm.forward_fused(&h)
+    }
+
+    /// One layer of [`NeoX::forward_pooled`]: `x [N, W] -> [N, W]`.
+    fn layer_pooled(
+        &self,
+        layer: &Layer,
+        li: usize,
+        x: &Tensor,
+        pool: &KvPool,
+        step: &PoolStep,
+    ) -> Result<Tensor> {
+        let (n, _) = x.dims2()?;
+        let (nh, hd) = self.heads();
+        let a = layer.input_layernorm.forward_fused(x)?;
+        let qkv = layer
+            .query_key_value
+            .forward(&a)?
+            .reshape((n, nh, 3 * hd))?
+            .transpose(0, 1)?; // [nh, N, 3hd]
+        let q = self.rotate(&qkv.narrow(2, 0, hd)?, step)?;
+        let k = self.rotate(&qkv.narrow(2, hd, hd)?, step)?;
+        let v = qkv.narrow(2, 2 * hd, hd)?.contiguous()?;
+        let o = kv_pool::pooled_attention(pool, li, step, &q, &k, &v)?; // [N, W]
+        let attn = layer.dense.forward(&o)?;
+        let act = self.cfg.hidden_act.as_str();
+        if self.cfg.use_parallel_residual {
+            let mlp = layer.mlp(&layer.post_attention_layernorm.forward_fused(x)?, act)?;
+            Ok(((x + attn)? + mlp)?)
+        } else {
+            let y = (x + attn)?;
+            let mlp = layer.mlp(&layer.post_attention_layernorm.forward_fused(&y)?, act)?;
+            Ok((y + mlp)?)
+        }
+    }
+
+    /// Rotary on the first `rd` dims of `z [nh, N, hd]` at the step's positions.
+    fn rotate(&self, z: &Tensor, step: &PoolStep) -> Result<Tensor> {
+        let rd = self.rotary.dims;
+        let hd = z.dim(2)?;
+        if rd == 0 {
+            return Ok(z.contiguous()?);
+        }
+        let zr = z.narrow(2, 0, rd)?.contiguous()?.unsqueeze(0)?; // [1, nh, N, rd]
+        let r = candle_nn::rotary_emb::rope(&zr, &step.cos, &step.sin)?.squeeze(0)?;
+        if rd == hd {
+            Ok(r)
+        } else {
+            Ok(Tensor::cat(&[&r, &z.narrow(2, rd, hd - rd)?], 2)?.contiguous()?)
+        }
     }
 
     /// `m = gelu(a W_1 + b_1)`.

@@ -16,7 +16,7 @@ pub mod vanilla;
 
 use crate::config::ModelConfig;
 use crate::error::Result;
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use rand::SeedableRng;
 use rand_distr::{Distribution, Normal};
 
@@ -115,6 +115,29 @@ impl WeightSource for Recorder<'_> {
     }
 }
 
+/// Parameters of a built model, moved to a device and dtype.
+struct FromParams {
+    params: std::collections::HashMap<String, Tensor>,
+    device: Device,
+    dtype: DType,
+}
+
+impl WeightSource for FromParams {
+    fn tensor(&mut self, name: &str, shape: &[usize], _init: Init) -> Result<Tensor> {
+        let t = self
+            .params
+            .get(name)
+            .ok_or_else(|| crate::Error::checkpoint(name, "missing from the model"))?;
+        if t.dims() != shape {
+            return Err(crate::Error::checkpoint(
+                name,
+                format!("shape {:?}, expected {shape:?}", t.dims()),
+            ));
+        }
+        Ok(t.to_device(&self.device)?.to_dtype(self.dtype)?)
+    }
+}
+
 /// The two model kinds.
 #[derive(Clone, Debug)]
 #[allow(clippy::large_enum_variant)]
@@ -160,6 +183,28 @@ impl Model {
             .first()
             .map(|(_, t)| t.device().clone())
             .unwrap_or(Device::Cpu)
+    }
+
+    /// Element type of the weights.
+    pub fn dtype(&self) -> DType {
+        self.params
+            .first()
+            .map(|(_, t)| t.dtype())
+            .unwrap_or(DType::F32)
+    }
+
+    /// The same model with its weights on `device` in `dtype` (a copy; `self` is unchanged
+    /// unless nothing changes, in which case the tensors are shared).
+    pub fn to(&self, device: &Device, dtype: DType) -> Result<Model> {
+        if self.device().same_device(device) && self.dtype() == dtype {
+            return Ok(self.clone());
+        }
+        let mut src = FromParams {
+            params: self.params.iter().cloned().collect(),
+            device: device.clone(),
+            dtype,
+        };
+        Self::build(&self.config, &mut src)
     }
 
     pub fn is_block(&self) -> bool {

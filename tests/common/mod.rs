@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 use blockformer::config::ModelConfig;
+use blockformer::model::block_transformer::BlockBatch;
 use blockformer::model::Model;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -71,16 +72,65 @@ impl Fixture {
     }
 
     pub fn model(&self) -> Model {
+        self.model_on(&candle_core::Device::Cpu)
+    }
+
+    pub fn model_on(&self, dev: &candle_core::Device) -> Model {
         let file =
             blockformer::checkpoint::SafetensorsFile::open(&self.dir.join("model.safetensors"))
                 .unwrap();
-        blockformer::checkpoint::load_weights(
-            &file,
-            &self.config(),
-            "fixture",
-            &candle_core::Device::Cpu,
-        )
-        .unwrap()
+        blockformer::checkpoint::load_weights(&file, &self.config(), "fixture", dev).unwrap()
+    }
+
+    /// The fixture's forward batch (block models).
+    pub fn block_batch(&self, with_labels: bool) -> BlockBatch {
+        let ids = self.arr("fwd_input_ids");
+        let (b, n, l) = (ids.shape[0], ids.shape[1], ids.shape[2]);
+        BlockBatch {
+            batch: b,
+            n_blocks: n,
+            block_length: l,
+            input_ids: ids.ints(),
+            attention_mask: self.arr("fwd_attention_mask").ints(),
+            block_mask: self.arr("fwd_block_attention_mask").ints(),
+            labels: with_labels.then(|| self.arr("fwd_labels").ints()),
+        }
+    }
+
+    /// The official `generate` cases recorded in the fixture.
+    pub fn generation_cases(&self) -> Vec<GenCase> {
+        self.json["generation"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|case| {
+                let mask = case
+                    .get("attention_mask")
+                    .filter(|m| !m.is_null())
+                    .map(|m| {
+                        ids_2d(m)
+                            .into_iter()
+                            .map(|r| r.into_iter().map(|x| x as u8).collect())
+                            .collect()
+                    });
+                let (limit, eos) = if self.is_block() {
+                    (
+                        case["max_length"].as_u64().unwrap() as usize,
+                        case["eos_token_id_override"].as_u64().map(|x| x as u32),
+                    )
+                } else {
+                    (case["max_new_tokens"].as_u64().unwrap() as usize, None)
+                };
+                GenCase {
+                    name: format!("{}/{}", self.name(), case["case"].as_str().unwrap()),
+                    input_ids: ids_2d(&case["input_ids"]),
+                    mask,
+                    limit,
+                    eos,
+                    output_ids: ids_2d(&case["output_ids"]),
+                }
+            })
+            .collect()
     }
 
     pub fn arr(&self, name: &str) -> &Array {
@@ -88,6 +138,17 @@ impl Fixture {
             .get(name)
             .unwrap_or_else(|| panic!("{}: io tensor {name} missing", self.name()))
     }
+}
+
+/// One official `generate` call: block models take `limit` as `max_length`, vanilla ones as
+/// `max_new_tokens`.
+pub struct GenCase {
+    pub name: String,
+    pub input_ids: Vec<Vec<u32>>,
+    pub mask: Option<Vec<Vec<u8>>>,
+    pub limit: usize,
+    pub eos: Option<u32>,
+    pub output_ids: Vec<Vec<u32>>,
 }
 
 /// A tensor from io.safetensors, as f64 values (ints included) with its shape.

@@ -1,0 +1,307 @@
+//! KV caches of the tensor decode path (CUDA, or any candle device).
+//!
+//! The host path gives every sequence its own cache buffer; on a GPU that would cost one kernel
+//! launch per row and layer. Here one stack's caches for the whole batch live in one pool: per
+//! layer a tensor `[slots, heads, capacity, head_dim]` in the model's dtype, each running row
+//! owning a slot. One step then writes every row's new keys and values with one scatter per
+//! layer, and rows that bring the same number of new positions attend together with two batched
+//! matmuls over a strided view of the pool (slots `lo..=hi`, positions `0..T`).
+
+use super::attention::{Rotary, RowSpec};
+use candle_core::{DType, Device, Tensor};
+use std::sync::{Arc, Mutex};
+
+/// Scores a batched attention group may hold (`span * heads * n_q * T`); larger groups are
+/// split row by row.
+const GROUP_SCORE_BUDGET: usize = 1 << 27;
+
+/// One stack's KV caches for up to `slots` rows.
+pub struct KvPool {
+    pub layers: usize,
+    pub heads: usize,
+    pub head_dim: usize,
+    /// Positions per slot.
+    pub capacity: usize,
+    pub slots: usize,
+    /// Per layer `[slots, heads, capacity, head_dim]`; keys after rotary.
+    pub k: Vec<Tensor>,
+    pub v: Vec<Tensor>,
+    free: Mutex<Vec<usize>>,
+}
+
+impl std::fmt::Debug for KvPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "KvPool({} layers, {} slots x {} positions x {} heads x {})",
+            self.layers, self.slots, self.capacity, self.heads, self.head_dim
+        )
+    }
+}
+
+/// A row's slot in a pool; handed back when the last reference is dropped.
+#[derive(Debug)]
+pub struct SlotRef {
+    pub pool: Arc<KvPool>,
+    pub slot: usize,
+}
+
+impl Drop for SlotRef {
+    fn drop(&mut self) {
+        if let Ok(mut free) = self.pool.free.lock() {
+            free.push(self.slot);
+        }
+    }
+}
+
+impl KvPool {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        layers: usize,
+        heads: usize,
+        head_dim: usize,
+        capacity: usize,
+        slots: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<Arc<Self>> {
+        let shape = (slots, heads, capacity, head_dim);
+        let mut k = Vec::with_capacity(layers);
+        let mut v = Vec::with_capacity(layers);
+        for _ in 0..layers {
+            k.push(Tensor::zeros(shape, dtype, device)?);
+            v.push(Tensor::zeros(shape, dtype, device)?);
+        }
+        Ok(Arc::new(KvPool {
+            layers,
+            heads,
+            head_dim,
+            capacity,
+            slots,
+            k,
+            v,
+            free: Mutex::new((0..slots).rev().collect()),
+        }))
+    }
+
+    /// Bytes of one slot (keys and values of every layer).
+    pub fn slot_bytes(&self) -> usize {
+        let elem = self.k.first().map_or(4, |t| t.dtype().size_in_bytes());
+        2 * self.layers * self.heads * self.capacity * self.head_dim * elem
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.k.first().map_or(DType::F32, |t| t.dtype())
+    }
+
+    /// The lowest free slot, or `None` when every slot is taken.
+    pub fn acquire(self: &Arc<Self>) -> Option<SlotRef> {
+        let mut free = self.free.lock().ok()?;
+        let (i, _) = free.iter().enumerate().min_by_key(|(_, &s)| s)?;
+        let slot = free.swap_remove(i);
+        Some(SlotRef {
+            pool: self.clone(),
+            slot,
+        })
+    }
+}
+
+/// Rows of one step that attend together: same number of new positions `n_q`, slots
+/// `lo..lo + span` (slots in that range without a row of the group are computed and ignored).
+pub struct Group {
+    pub lo: usize,
+    pub span: usize,
+    pub n_q: usize,
+    /// Keys attended: cache positions `0..t`.
+    pub t: usize,
+    /// `[span * n_q]` (u32): for each (slot, query) the new position it reads its query from.
+    pub q_index: Tensor,
+    /// `[span, 1, n_q, t]` (f32): 0 where a query may attend, -inf elsewhere.
+    pub mask: Tensor,
+}
+
+/// Everything one cached step needs besides the layer weights, shared by every layer.
+pub struct PoolStep {
+    /// `[N, rd/2]` rotary cos/sin of each new position, in the model dtype.
+    pub cos: Tensor,
+    pub sin: Tensor,
+    /// `[heads * N, head_dim]` (u32) flat pool row `(slot * heads + h) * capacity + position`
+    /// receiving new position `n` of head `h`, in `(h, n)` order.
+    pub write_index: Tensor,
+    pub groups: Vec<Group>,
+    /// `[N]` (u32): where new position `n`'s output sits in the groups' concatenated outputs.
+    pub gather: Tensor,
+}
+
+impl PoolStep {
+    /// Plans a step where row `r` brings `rows[r].n_new` positions into `slots[r]`, whose
+    /// cache holds `lens[r]` positions.
+    pub fn new(
+        pool: &KvPool,
+        rows: &[RowSpec],
+        slots: &[usize],
+        lens: &[usize],
+        rotary: &Rotary,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Self> {
+        let (nh, cap) = (pool.heads, pool.capacity);
+        let n: usize = rows.iter().map(|r| r.n_new).sum();
+        let half = rotary.dims / 2;
+        let mut cos = Vec::with_capacity(n * half);
+        let mut sin = Vec::with_capacity(n * half);
+        let mut first = Vec::with_capacity(rows.len());
+        let mut write = vec![0u32; nh * n];
+        let mut g = 0;
+        for (r, spec) in rows.iter().enumerate() {
+            if lens[r] + spec.n_new > cap {
+                candle_core::bail!(
+                    "kv cache overflow: {} + {} positions > capacity {cap}",
+                    lens[r],
+                    spec.n_new
+                );
+            }
+            first.push(g);
+            for i in 0..spec.n_new {
+                let pos = spec.pos0 + i * spec.pos_stride;
+                rotary.cos_sin(pos, &mut cos, &mut sin);
+                for h in 0..nh {
+                    write[h * n + g] = ((slots[r] * nh + h) * cap + lens[r] + i) as u32;
+                }
+                g += 1;
+            }
+        }
+        let cos = Tensor::from_vec(cos, (n, half), dev)?.to_dtype(dtype)?;
+        let sin = Tensor::from_vec(sin, (n, half), dev)?.to_dtype(dtype)?;
+        let write_index = Tensor::from_vec(write, (nh * n, 1), dev)?
+            .broadcast_as((nh * n, pool.head_dim))?
+            .contiguous()?;
+
+        // Group rows by their number of new positions; split groups too large to batch.
+        let mut by_len: Vec<(usize, Vec<usize>)> = Vec::new();
+        for (r, spec) in rows.iter().enumerate() {
+            match by_len.iter_mut().find(|(q, _)| *q == spec.n_new) {
+                Some((_, v)) => v.push(r),
+                None => by_len.push((spec.n_new, vec![r])),
+            }
+        }
+        let mut groups = Vec::new();
+        let mut gather = vec![0u32; n];
+        let mut out_rows = 0usize;
+        for (n_q, members) in by_len {
+            let lo = members.iter().map(|&r| slots[r]).min().unwrap_or(0);
+            let hi = members.iter().map(|&r| slots[r]).max().unwrap_or(0);
+            let t = members.iter().map(|&r| lens[r] + n_q).max().unwrap_or(1);
+            let batched = (hi - lo + 1) * nh * n_q * t <= GROUP_SCORE_BUDGET;
+            let parts: Vec<Vec<usize>> = if batched {
+                vec![members]
+            } else {
+                members.into_iter().map(|r| vec![r]).collect()
+            };
+            for part in parts {
+                let lo = part.iter().map(|&r| slots[r]).min().unwrap_or(0);
+                let hi = part.iter().map(|&r| slots[r]).max().unwrap_or(0);
+                let span = hi - lo + 1;
+                let t = part.iter().map(|&r| lens[r] + n_q).max().unwrap_or(1);
+                // Slots without a row of this part read the part's first row's queries and
+                // may attend to position 0 only (their output is ignored).
+                let mut q_index = vec![first[part[0]] as u32; span * n_q];
+                let mut mask = vec![f32::NEG_INFINITY; span * n_q * t];
+                for row in mask.chunks_mut(t) {
+                    row[0] = 0.0;
+                }
+                for &r in &part {
+                    let s = slots[r] - lo;
+                    for i in 0..n_q {
+                        q_index[s * n_q + i] = (first[r] + i) as u32;
+                        let row = &mut mask[(s * n_q + i) * t..(s * n_q + i + 1) * t];
+                        for (j, m) in row.iter_mut().enumerate() {
+                            *m = if j <= lens[r] + i {
+                                0.0
+                            } else {
+                                f32::NEG_INFINITY
+                            };
+                        }
+                        gather[first[r] + i] = (out_rows + s * n_q + i) as u32;
+                    }
+                }
+                out_rows += span * n_q;
+                groups.push(Group {
+                    lo,
+                    span,
+                    n_q,
+                    t,
+                    q_index: Tensor::from_vec(q_index, span * n_q, dev)?,
+                    mask: Tensor::from_vec(mask, (span, 1, n_q, t), dev)?,
+                });
+            }
+        }
+        Ok(PoolStep {
+            cos,
+            sin,
+            write_index,
+            groups,
+            gather: Tensor::from_vec(gather, n, dev)?,
+        })
+    }
+}
+
+/// One layer of cached attention on a pool.
+///
+/// - `q`, `k`, `v`: `[heads, N, head_dim]`, contiguous, keys and queries already rotated;
+/// - keys and values are written into the rows' slots at `[len, len + n_new)`;
+/// - returns the attention output `[N, heads * head_dim]`.
+pub fn pooled_attention(
+    pool: &KvPool,
+    layer: usize,
+    step: &PoolStep,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+) -> candle_core::Result<Tensor> {
+    let (nh, n, hd) = q.dims3()?;
+    let flat = (pool.slots * nh * pool.capacity, hd);
+    let (kp, vp) = (&pool.k[layer], &pool.v[layer]);
+    kp.reshape(flat)?
+        .scatter_set(&step.write_index, &k.reshape((nh * n, hd))?, 0)?;
+    vp.reshape(flat)?
+        .scatter_set(&step.write_index, &v.reshape((nh * n, hd))?, 0)?;
+    let scale = 1.0 / (hd as f64).sqrt();
+    let mut outs = Vec::with_capacity(step.groups.len());
+    for g in &step.groups {
+        let qg = q
+            .index_select(&g.q_index, 1)? // [nh, span*n_q, hd]
+            .reshape((nh, g.span, g.n_q, hd))?
+            .transpose(0, 1)?
+            .contiguous()?; // [span, nh, n_q, hd]
+        let kg = kp.narrow(0, g.lo, g.span)?.narrow(2, 0, g.t)?; // [span, nh, t, hd] view
+        let vg = vp.narrow(0, g.lo, g.span)?.narrow(2, 0, g.t)?;
+        let scores = qg.matmul(&kg.t()?)?.to_dtype(DType::F32)?; // [span, nh, n_q, t]
+        let p = candle_nn::ops::softmax_last_dim(&(scores * scale)?.broadcast_add(&g.mask)?)?;
+        let o = p.to_dtype(q.dtype())?.matmul(&vg)?; // [span, nh, n_q, hd]
+        outs.push(o.transpose(1, 2)?.reshape((g.span * g.n_q, nh * hd))?);
+    }
+    let all = if outs.len() == 1 {
+        outs.pop().expect("one group")
+    } else {
+        Tensor::cat(&outs, 0)?
+    };
+    all.index_select(&step.gather, 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_are_reused_lowest_first() {
+        let pool = KvPool::new(1, 1, 2, 4, 3, DType::F32, &Device::Cpu).unwrap();
+        let a = pool.acquire().unwrap();
+        let b = pool.acquire().unwrap();
+        let c = pool.acquire().unwrap();
+        assert_eq!((a.slot, b.slot, c.slot), (0, 1, 2));
+        assert!(pool.acquire().is_none());
+        drop(b);
+        assert_eq!(pool.acquire().unwrap().slot, 1);
+    }
+}
