@@ -61,6 +61,8 @@ impl ParamVar {
 pub struct VarSource<'a> {
     inner: &'a mut dyn WeightSource,
     pub vars: Vec<ParamVar>,
+    /// Where the variables live.
+    pub device: Device,
 }
 
 impl<'a> VarSource<'a> {
@@ -68,6 +70,7 @@ impl<'a> VarSource<'a> {
         VarSource {
             inner,
             vars: Vec::new(),
+            device: Device::Cpu,
         }
     }
 }
@@ -75,7 +78,7 @@ impl<'a> VarSource<'a> {
 impl WeightSource for VarSource<'_> {
     fn tensor(&mut self, name: &str, shape: &[usize], init: Init) -> Result<Tensor> {
         let t = self.inner.tensor(name, shape, init)?;
-        let var = Var::from_tensor(&t.contiguous()?)?;
+        let var = Var::from_tensor(&t.to_device(&self.device)?.contiguous()?)?;
         let out = var.as_tensor().clone();
         self.vars.push(ParamVar {
             name: name.to_string(),
@@ -88,7 +91,7 @@ impl WeightSource for VarSource<'_> {
 
     fn tensor_t(&mut self, name: &str, shape: &[usize], init: Init) -> Result<Tensor> {
         let t = self.inner.tensor_t(name, shape, init)?;
-        let var = Var::from_tensor(&t.contiguous()?)?;
+        let var = Var::from_tensor(&t.to_device(&self.device)?.contiguous()?)?;
         let out = var.as_tensor().clone();
         self.vars.push(ParamVar {
             name: name.to_string(),
@@ -160,6 +163,9 @@ pub struct TrainConfig {
     pub eval_samples: usize,
     /// Checkpoint every N steps (0 = only at the end and on Ctrl-C).
     pub save_every: usize,
+    /// Linear-layer products in bfloat16 (float32 master weights and optimizer).
+    #[serde(default)]
+    pub autocast_bf16: bool,
 }
 
 impl Default for TrainConfig {
@@ -182,6 +188,7 @@ impl Default for TrainConfig {
             eval_every: 0,
             eval_samples: 16,
             save_every: 0,
+            autocast_bf16: false,
         }
     }
 }
@@ -253,8 +260,21 @@ impl Trainer {
         src: &mut dyn WeightSource,
         cfg: TrainConfig,
     ) -> Result<Trainer> {
+        Self::new_on(config, src, cfg, &Device::Cpu)
+    }
+
+    /// [`Trainer::new`] with the model's variables (forward and backward) on `device`. The
+    /// AdamW update runs on the host over float32 master copies (the optimizer state never
+    /// leaves host memory); gradients come down and weights go up once per step.
+    pub fn new_on(
+        config: &ModelConfig,
+        src: &mut dyn WeightSource,
+        cfg: TrainConfig,
+        device: &Device,
+    ) -> Result<Trainer> {
         config.validate("training config")?;
         let mut vs = VarSource::new(src);
+        vs.device = device.clone();
         let model = Model::build(config, &mut vs)?;
         let params = vs.vars;
         let data = params
@@ -311,10 +331,11 @@ impl Trainer {
 
     /// Overwrites parameter `i` (held layout, flattened).
     pub fn set_param(&mut self, i: usize, values: &[f32]) -> Result<()> {
-        let shape = self.params[i].var.as_tensor().dims().to_vec();
+        let t = self.params[i].var.as_tensor();
+        let (shape, dev) = (t.dims().to_vec(), t.device().clone());
         self.params[i]
             .var
-            .set(&Tensor::from_slice(values, shape.as_slice(), &Device::Cpu)?)?;
+            .set(&Tensor::from_slice(values, shape.as_slice(), &dev)?)?;
         self.data[i].copy_from_slice(values);
         Ok(())
     }
@@ -366,7 +387,10 @@ impl Trainer {
     /// Loss and the gradient of every parameter (held layout, flattened); `None` where the
     /// loss does not depend on the parameter.
     pub fn gradients(&self, batch: &Batch) -> Result<(f64, Vec<Option<Vec<f32>>>)> {
-        let loss = self.loss(batch)?;
+        crate::model::gpt_neox::set_autocast_bf16(self.cfg.autocast_bf16);
+        let loss = self.loss(batch);
+        crate::model::gpt_neox::set_autocast_bf16(false);
+        let loss = loss?;
         let grads = loss.backward()?;
         let out = self
             .params
@@ -490,9 +514,10 @@ impl Trainer {
                 }
             });
         for (pv, d) in self.params.iter().zip(&self.data) {
-            let shape = pv.var.as_tensor().dims().to_vec();
+            let t = pv.var.as_tensor();
+            let (shape, dev) = (t.dims().to_vec(), t.device().clone());
             pv.var
-                .set(&Tensor::from_slice(d, shape.as_slice(), &Device::Cpu)?)?;
+                .set(&Tensor::from_slice(d, shape.as_slice(), &dev)?)?;
         }
         self.state.step += 1;
         self.state.tokens_seen += tokens as u64;
@@ -575,6 +600,11 @@ impl Trainer {
 
     /// Restores a run from a checkpoint folder written by [`Trainer::save_checkpoint`].
     pub fn resume(dir: &Path) -> Result<Trainer> {
+        Self::resume_on(dir, &Device::Cpu)
+    }
+
+    /// [`Trainer::resume`] with the model on `device`.
+    pub fn resume_on(dir: &Path, device: &Device) -> Result<Trainer> {
         let spath = dir.join("trainer_state.json");
         let text = std::fs::read_to_string(&spath).map_err(|e| Error::io(&spath, e))?;
         let v: serde_json::Value = serde_json::from_str(&text)
@@ -589,7 +619,7 @@ impl Trainer {
             fallback: None,
             origin: dir.display().to_string(),
         };
-        let mut tr = Trainer::new(&loaded.model.config, &mut src, cfg)?;
+        let mut tr = Trainer::new_on(&loaded.model.config, &mut src, cfg, device)?;
         tr.state = state;
         let opath = dir.join("optimizer.safetensors");
         let bytes = std::fs::read(&opath).map_err(|e| Error::io(&opath, e))?;
@@ -632,6 +662,11 @@ pub fn softmax_cross_entropy(logits: &Tensor, targets: Vec<u32>) -> Result<Tenso
             "targets",
             "one target in 0..V per row expected",
         ));
+    }
+    if !logits.device().is_cpu() || logits.dtype() != candle_core::DType::F32 {
+        // Composed ops elsewhere (the fused op is a CPU kernel).
+        let labels: Vec<i64> = targets.iter().map(|&t| t as i64).collect();
+        return Ok(crate::model::block_transformer::cross_entropy(logits, &labels)?.0);
     }
     Ok(logits.apply_op1(SoftmaxCe {
         targets: std::sync::Arc::new(targets),

@@ -115,6 +115,49 @@ fn every_parameter_receives_a_gradient() {
     }
 }
 
+#[test]
+fn bf16_autocast_gradients_track_float32() {
+    // Linear products in bfloat16 over float32 master weights (the CUDA training default; here
+    // on the CPU): every parameter still gets a gradient, close in direction to float32's.
+    for cfg in [tiny_block(false), tiny_vanilla()] {
+        let ds = dataset(&cfg, 32, 0);
+        let b = batch(&cfg, &ds, 4);
+        let f32_tr = Trainer::random(&cfg, 1, tcfg(1)).unwrap();
+        let bf16_tr = Trainer::random(
+            &cfg,
+            1,
+            TrainConfig {
+                autocast_bf16: true,
+                ..tcfg(1)
+            },
+        )
+        .unwrap();
+        let (l32, g32) = f32_tr.gradients(&b).unwrap();
+        let (l16, g16) = bf16_tr.gradients(&b).unwrap();
+        assert!((l32 - l16).abs() < 2e-2, "loss {l32} vs {l16}");
+        assert_ne!(l32, l16, "bf16 products must round differently");
+        for ((p, a), c) in f32_tr.params.iter().zip(&g32).zip(&g16) {
+            let (a, c) = (a.as_ref().unwrap(), c.as_ref().unwrap());
+            let dot: f64 = a.iter().zip(c).map(|(&x, &y)| x as f64 * y as f64).sum();
+            let na: f64 = a.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
+            let nc: f64 = c.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
+            let cos = dot / (na * nc);
+            assert!(
+                cos > 0.95,
+                "{}: cosine {cos} between bf16 and f32 gradients",
+                p.name
+            );
+        }
+    }
+    // The switch is scoped to the trainer's own passes.
+    let cfg = tiny_vanilla();
+    let tr = Trainer::random(&cfg, 1, tcfg(1)).unwrap();
+    let ds = dataset(&cfg, 32, 0);
+    let a = tr.gradients(&batch(&cfg, &ds, 4)).unwrap().0;
+    let b = tr.gradients(&batch(&cfg, &ds, 4)).unwrap().0;
+    assert_eq!(a, b);
+}
+
 /// Weights 5x the official init so that every module's gradient is well above f32 noise.
 struct Scaled(RandomInit);
 impl WeightSource for Scaled {

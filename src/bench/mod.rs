@@ -123,7 +123,10 @@ pub struct MemoryReport {
     pub activations: usize,
     /// `base_rss + weights + kv_cache + activations`.
     pub expected: usize,
-    /// `peak_rss / expected`.
+    /// GPU runs: the most device memory in use at the end of a step (driver's total - free,
+    /// the CUDA context included).
+    pub device_peak: Option<usize>,
+    /// `peak_rss / expected` (GPU: `device_peak / expected`).
     pub ratio: f64,
 }
 
@@ -194,6 +197,26 @@ pub fn mem_available() -> Option<usize> {
         .map(|kb| kb * 1024)
 }
 
+/// Free and total memory of a GPU (bytes) from the driver; `None` on the CPU.
+pub fn device_memory(dev: &candle_core::Device) -> Option<(usize, usize)> {
+    #[cfg(feature = "cuda")]
+    if let candle_core::Device::Cuda(d) = dev {
+        return d.cuda_stream().context().mem_get_info().ok();
+    }
+    let _ = dev;
+    None
+}
+
+/// The GPU's name from the driver; `None` on the CPU.
+pub fn device_name(dev: &candle_core::Device) -> Option<String> {
+    #[cfg(feature = "cuda")]
+    if let candle_core::Device::Cuda(d) = dev {
+        return d.cuda_stream().context().name().ok();
+    }
+    let _ = dev;
+    None
+}
+
 /// Bytes of the parameters a model holds.
 pub fn weight_bytes(model: &Model) -> usize {
     model
@@ -204,10 +227,13 @@ pub fn weight_bytes(model: &Model) -> usize {
 }
 
 /// The memory model of a run of `model` at these lengths, with the weights it actually holds.
+/// Caches and activations take the model's element size (the GPU path keeps them in the
+/// model's dtype).
 pub fn memory_model(model: &Model, prompt_len: usize, new_tokens: usize) -> MemoryModel {
+    let elem = model.dtype().size_in_bytes();
     MemoryModel {
         weights: weight_bytes(model),
-        ..MemoryModel::new(&model.config, prompt_len, new_tokens)
+        ..MemoryModel::with_elem(&model.config, prompt_len, new_tokens, elem)
     }
 }
 
@@ -241,29 +267,48 @@ pub fn random_prompts(batch: usize, len: usize, vocab: usize, seed: u64) -> Vec<
         .collect()
 }
 
-/// One run: a fresh engine, `batch` prompts, greedy to the end. Returns the wall time, the
-/// engine's time split and the largest KV-cache bytes it held.
-pub fn run_once(model: &Arc<Model>, w: &Workload, seed: u64) -> Result<(f64, EngineStats, usize)> {
+/// What one run measured.
+#[derive(Clone, Copy, Debug)]
+pub struct RunOutcome {
+    pub seconds: f64,
+    pub stats: EngineStats,
+    /// Largest KV-cache bytes the engine held.
+    pub kv_bytes: usize,
+    /// GPU: the most device memory in use at the end of a step (driver's total - free).
+    pub device_used: Option<usize>,
+}
+
+/// One run: a fresh engine, `batch` prompts, greedy to the end. On a GPU the clock stops after
+/// the device has finished its work.
+pub fn run_once(model: &Arc<Model>, w: &Workload, seed: u64) -> Result<RunOutcome> {
     let prompts = random_prompts(w.batch, w.prompt_len, model.config.vocab_size(), seed);
+    let dev = model.device();
     let mut eng = Engine::new(
         model.clone(),
         EngineOptions {
             positions: PositionMode::Trained,
             max_batch: w.batch,
+            max_context: Some(w.prompt_len + w.new_tokens),
             ..Default::default()
         },
     );
+    dev.synchronize()?;
     let start = Instant::now();
     for p in prompts {
         eng.add(GenRequest::greedy(p, w.new_tokens))?;
     }
     let mut kv = 0;
     let mut produced = 0;
+    let mut device_used: Option<usize> = None;
     while !eng.is_idle() {
         let events = eng.step()?;
         kv = kv.max(eng.kv_cache_bytes());
         produced += events.iter().map(|e| e.tokens.len()).sum::<usize>();
+        if let Some((free, total)) = device_memory(&dev) {
+            device_used = Some(device_used.unwrap_or(0).max(total - free));
+        }
     }
+    dev.synchronize()?;
     let secs = start.elapsed().as_secs_f64();
     if produced != w.batch * w.new_tokens {
         return Err(Error::input(
@@ -274,7 +319,12 @@ pub fn run_once(model: &Arc<Model>, w: &Workload, seed: u64) -> Result<(f64, Eng
             ),
         ));
     }
-    Ok((secs, eng.stats(), kv))
+    Ok(RunOutcome {
+        seconds: secs,
+        stats: eng.stats(),
+        kv_bytes: kv,
+        device_used,
+    })
 }
 
 /// Benchmarks `model` on workload `w` (its setting named by [`Setting::of`]): `spec.warmup` untimed runs, then `spec.runs` timed
@@ -298,10 +348,12 @@ pub fn bench_model(
     trim_heap();
     let peak_reset = reset_peak_rss();
     let mut kv_max = 0;
+    let mut device_peak: Option<usize> = None;
     for i in 0..spec.warmup {
         let t = Instant::now();
-        let (_, _, kv) = run_once(model, &w, spec.seed)?;
-        kv_max = kv_max.max(kv);
+        let o = run_once(model, &w, spec.seed)?;
+        kv_max = kv_max.max(o.kv_bytes);
+        device_peak = device_peak.max(o.device_used);
         progress(&format!(
             "{name} {setting} batch {}: warm-up {}/{} {:.2} s",
             w.batch,
@@ -312,8 +364,10 @@ pub fn bench_model(
     }
     let mut runs = Vec::new();
     for i in 0..spec.runs.max(1) {
-        let (secs, stats, kv) = run_once(model, &w, spec.seed.wrapping_add(1 + i as u64))?;
-        kv_max = kv_max.max(kv);
+        let o = run_once(model, &w, spec.seed.wrapping_add(1 + i as u64))?;
+        let (secs, stats) = (o.seconds, o.stats);
+        kv_max = kv_max.max(o.kv_bytes);
+        device_peak = device_peak.max(o.device_used);
         let tps = (w.batch * w.new_tokens) as f64 / secs;
         progress(&format!(
             "{name} {setting} batch {}: run {}/{} {secs:.2} s, {tps:.1} tokens/s",
@@ -336,9 +390,13 @@ pub fn bench_model(
         kv_max = mm.kv_per_sample * w.batch;
     }
     let activations = mm.activations_per_sample * w.batch;
-    let base_rss = rss_load.0;
+    // On a GPU the measured peak is the device's memory in use (its CUDA context included);
+    // on the CPU the process's resident set.
+    let base_rss = if device_peak.is_some() { 0 } else { rss_load.0 };
     let expected = base_rss + mm.weights + kv_max + activations;
-    let bound = machine.map(|m| Roofline::bound(&model.config, &w, m));
+    let peak = device_peak.unwrap_or(hwm);
+    let elem = model.dtype().size_in_bytes() as f64;
+    let bound = machine.map(|m| Roofline::bound_with(&model.config, &w, m, elem));
     let efficiency = bound
         .filter(|b| b.tokens_per_s > 0.0)
         .map(|b| med.tokens_per_s / b.tokens_per_s);
@@ -364,8 +422,9 @@ pub fn bench_model(
             kv_cache: kv_max,
             activations,
             expected,
+            device_peak,
             ratio: if expected > 0 {
-                hwm as f64 / expected as f64
+                peak as f64 / expected as f64
             } else {
                 0.0
             },

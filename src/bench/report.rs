@@ -168,7 +168,7 @@ pub fn split_table(rows: &[BenchRow]) -> String {
                 secs(s.sampling_s),
                 secs(s.prefill_s),
                 secs(s.decode_s),
-                bytes(r.memory.peak_rss),
+                bytes(r.memory.device_peak.unwrap_or(r.memory.peak_rss)),
                 bytes(r.memory.expected),
                 format!("{:.2}", r.memory.ratio),
                 bytes(r.memory.model_rss),

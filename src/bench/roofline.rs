@@ -93,12 +93,18 @@ fn attn_flops(layers: usize, w: usize, past: usize, n: usize) -> f64 {
 
 /// Bytes of the cache traffic of `n` new positions after `past`: every key and value of the
 /// `past + n` positions is read once (the new ones are written once too).
-fn attn_bytes(layers: usize, w: usize, past: usize, n: usize) -> f64 {
-    F32 * (2 * layers * w) as f64 * ((past + n) + n) as f64
+fn attn_bytes(e: f64, layers: usize, w: usize, past: usize, n: usize) -> f64 {
+    e * (2 * layers * w) as f64 * ((past + n) + n) as f64
 }
 
-/// The kernels of a generation run, in order, for `rows` rows.
+/// The kernels of a generation run, in order, for `rows` rows, with float32 weights and
+/// caches.
 pub fn cost(cfg: &ModelConfig, w: &Workload) -> Vec<Kernel> {
+    cost_with(cfg, w, F32)
+}
+
+/// [`cost`] with weights, caches and activations of `e` bytes per element (2 for bf16/f16).
+pub fn cost_with(cfg: &ModelConfig, w: &Workload, e: f64) -> Vec<Kernel> {
     let mut out = Vec::new();
     let b = w.batch as f64;
     if w.batch == 0 || w.new_tokens == 0 || w.prompt_len == 0 {
@@ -121,7 +127,7 @@ pub fn cost(cfg: &ModelConfig, w: &Workload) -> Vec<Kernel> {
                 part: Part::TokenDecoder,
                 kind: Kind::LmHead,
                 flops: 2.0 * rows * (v * h) as f64,
-                bytes: F32 * (v * h) as f64 + 2.0 * F32 * rows * v as f64,
+                bytes: e * (v * h) as f64 + 2.0 * e * rows * v as f64,
             };
             for s in 0..steps {
                 // Block decoder over the new blocks: all prompt blocks, then one block.
@@ -137,7 +143,7 @@ pub fn cost(cfg: &ModelConfig, w: &Workload) -> Vec<Kernel> {
                     part: Part::Embedder,
                     kind: Kind::Embed,
                     flops: 2.0 * b * new as f64 * proj,
-                    bytes: 2.0 * F32 * tokens * d_e as f64 + F32 * proj,
+                    bytes: 2.0 * e * tokens * d_e as f64 + e * proj,
                 });
                 out.push(Kernel {
                     step: s,
@@ -145,7 +151,7 @@ pub fn cost(cfg: &ModelConfig, w: &Workload) -> Vec<Kernel> {
                     part: Part::BlockDecoder,
                     kind: Kind::Dense,
                     flops: 2.0 * b * new as f64 * n_bd,
-                    bytes: F32 * n_bd,
+                    bytes: e * n_bd,
                 });
                 out.push(Kernel {
                     step: s,
@@ -153,7 +159,7 @@ pub fn cost(cfg: &ModelConfig, w: &Workload) -> Vec<Kernel> {
                     part: Part::BlockDecoder,
                     kind: Kind::Attention,
                     flops: b * attn_flops(lb, d, past, new),
-                    bytes: b * attn_bytes(lb, d, past, new),
+                    bytes: b * attn_bytes(e, lb, d, past, new),
                 });
                 // Token decoder: expansion, prefix step over R positions, LM head; then one
                 // step per further token of the block.
@@ -164,7 +170,7 @@ pub fn cost(cfg: &ModelConfig, w: &Workload) -> Vec<Kernel> {
                     part: Part::TokenDecoder,
                     kind: Kind::Dense,
                     flops: 2.0 * b * (d * r * h) as f64 + 2.0 * b * r as f64 * n_td,
-                    bytes: F32 * ((d + 1) * r * h) as f64 + F32 * n_td,
+                    bytes: e * ((d + 1) * r * h) as f64 + e * n_td,
                 });
                 out.push(Kernel {
                     step: s,
@@ -172,7 +178,7 @@ pub fn cost(cfg: &ModelConfig, w: &Workload) -> Vec<Kernel> {
                     part: Part::TokenDecoder,
                     kind: Kind::Attention,
                     flops: b * attn_flops(lt, h, 0, r),
-                    bytes: b * attn_bytes(lt, h, 0, r),
+                    bytes: b * attn_bytes(e, lt, h, 0, r),
                 });
                 out.push(lm_head(s, b));
                 for k in 1..want {
@@ -182,7 +188,7 @@ pub fn cost(cfg: &ModelConfig, w: &Workload) -> Vec<Kernel> {
                         part: Part::TokenDecoder,
                         kind: Kind::Dense,
                         flops: 2.0 * b * n_td,
-                        bytes: F32 * n_td + F32 * b * h as f64,
+                        bytes: e * n_td + e * b * h as f64,
                     });
                     out.push(Kernel {
                         step: s,
@@ -190,7 +196,7 @@ pub fn cost(cfg: &ModelConfig, w: &Workload) -> Vec<Kernel> {
                         part: Part::TokenDecoder,
                         kind: Kind::Attention,
                         flops: b * attn_flops(lt, h, r + k - 1, 1),
-                        bytes: b * attn_bytes(lt, h, r + k - 1, 1),
+                        bytes: b * attn_bytes(e, lt, h, r + k - 1, 1),
                     });
                     out.push(lm_head(s, b));
                 }
@@ -211,7 +217,7 @@ pub fn cost(cfg: &ModelConfig, w: &Workload) -> Vec<Kernel> {
                     part: Part::Embedder,
                     kind: Kind::Embed,
                     flops: 0.0,
-                    bytes: 2.0 * F32 * b * (new * wd) as f64,
+                    bytes: 2.0 * e * b * (new * wd) as f64,
                 });
                 out.push(Kernel {
                     step: s,
@@ -219,7 +225,7 @@ pub fn cost(cfg: &ModelConfig, w: &Workload) -> Vec<Kernel> {
                     part: Part::BlockDecoder,
                     kind: Kind::Dense,
                     flops: 2.0 * b * new as f64 * n,
-                    bytes: F32 * n,
+                    bytes: e * n,
                 });
                 out.push(Kernel {
                     step: s,
@@ -227,7 +233,7 @@ pub fn cost(cfg: &ModelConfig, w: &Workload) -> Vec<Kernel> {
                     part: Part::BlockDecoder,
                     kind: Kind::Attention,
                     flops: b * attn_flops(lv, wd, past, new),
-                    bytes: b * attn_bytes(lv, wd, past, new),
+                    bytes: b * attn_bytes(e, lv, wd, past, new),
                 });
                 out.push(Kernel {
                     step: s,
@@ -235,7 +241,7 @@ pub fn cost(cfg: &ModelConfig, w: &Workload) -> Vec<Kernel> {
                     part: Part::LmHead,
                     kind: Kind::LmHead,
                     flops: 2.0 * b * (v * wd) as f64,
-                    bytes: F32 * (v * wd) as f64 + 2.0 * F32 * b * v as f64,
+                    bytes: e * (v * wd) as f64 + 2.0 * e * b * v as f64,
                 });
             }
         }
@@ -292,7 +298,12 @@ impl Roofline {
     /// issue's definition: within one call, compute and memory traffic may overlap), with
     /// the per-kernel variant in `kernel_seconds`.
     pub fn bound(cfg: &ModelConfig, w: &Workload, m: &Machine) -> Roofline {
-        let kernels = cost(cfg, w);
+        Self::bound_with(cfg, w, m, F32)
+    }
+
+    /// [`Roofline::bound`] for elements of `e` bytes (weights and caches).
+    pub fn bound_with(cfg: &ModelConfig, w: &Workload, m: &Machine, e: f64) -> Roofline {
+        let kernels = cost_with(cfg, w, e);
         let mut r = Roofline::default();
         let mut i = 0;
         while i < kernels.len() {
@@ -362,7 +373,16 @@ pub struct MemoryModel {
 
 impl MemoryModel {
     pub fn new(cfg: &ModelConfig, prompt_len: usize, new_tokens: usize) -> MemoryModel {
-        let f = std::mem::size_of::<f32>();
+        Self::with_elem(cfg, prompt_len, new_tokens, std::mem::size_of::<f32>())
+    }
+
+    /// [`MemoryModel::new`] with `f` bytes per element (2 for bf16/f16 on a GPU).
+    pub fn with_elem(
+        cfg: &ModelConfig,
+        prompt_len: usize,
+        new_tokens: usize,
+        f: usize,
+    ) -> MemoryModel {
         let stack_act = |c: &NeoXConfig, n: usize| {
             // x, LN out, QKV (3W), attention out, dense out, MLP intermediate and its GELU,
             // MLP out, residual sum.
@@ -446,6 +466,25 @@ pub struct Machine {
 pub enum ProbeSource {
     Cache(PathBuf),
     Measured(Option<PathBuf>),
+}
+
+impl Machine {
+    /// Data-sheet peaks of known GPUs (dense bf16 tensor-core FLOP/s, HBM bytes/s), matched on
+    /// the driver's device name.
+    pub fn gpu_data_sheet(name: &str) -> Option<(f64, f64)> {
+        let n = name.to_ascii_uppercase();
+        if n.contains("H200") {
+            Some((989e12, 4.8e12))
+        } else if n.contains("H100") && (n.contains("PCIE") || n.contains("PCI")) {
+            Some((756e12, 2.0e12))
+        } else if n.contains("H100") {
+            Some((989e12, 3.35e12))
+        } else if n.contains("A100") {
+            Some((312e12, 2.0e12))
+        } else {
+            None
+        }
+    }
 }
 
 pub fn cpu_model() -> String {

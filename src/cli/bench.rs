@@ -6,7 +6,7 @@ use blockformer::bench::{self, report, BenchReport, BenchSpec, Setting};
 use blockformer::checkpoint;
 use blockformer::config;
 use blockformer::model::Model;
-use candle_core::Device;
+use candle_core::{DType, Device};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -89,6 +89,13 @@ pub struct Args {
     /// Print the roofline bound and the memory model only; run nothing.
     #[arg(long, conflicts_with = "no_roofline")]
     pub dry_run: bool,
+    /// Device: cpu, or cuda[:N] (a CUDA build). On a GPU the roofline uses --peak-gflops and
+    /// --bandwidth-gbs, or the data-sheet numbers of a known GPU (H100, H200).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Weight and KV-cache dtype: f32, bf16 or f16 (default f32 on the CPU, bf16 on a GPU).
+    #[arg(long)]
+    pub dtype: Option<String>,
     /// Print only the report (no progress lines on stderr).
     #[arg(long, short)]
     pub quiet: bool,
@@ -132,16 +139,17 @@ impl Source {
         }
     }
 
-    fn load(&self, weights_seed: u64) -> anyhow::Result<Model> {
-        match self {
+    fn load(&self, weights_seed: u64, dev: &Device, dtype: DType) -> anyhow::Result<Model> {
+        let m = match self {
             Source::Preset(p) => {
                 let cfg = config::preset(p)?;
-                Ok(Model::random(&cfg, weights_seed, &Device::Cpu)?)
+                Model::random(&cfg, weights_seed, &Device::Cpu)?
             }
             Source::Checkpoint(path, preset) => {
-                Ok(checkpoint::load(path, preset.as_deref(), None, &Device::Cpu)?.model)
+                checkpoint::load(path, preset.as_deref(), None, &Device::Cpu)?.model
             }
-        }
+        };
+        Ok(m.to(dev, dtype)?)
     }
 }
 
@@ -213,9 +221,17 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     if a.max_batch == 0 {
         bail!("--max-batch must be at least 1");
     }
+    let dev = super::common::device(&a.device)?;
+    let dtype = super::common::dtype(a.dtype.as_deref(), &dev)?;
+    // GPU: the budget is a share of the device's free memory (default 90%), else of the host's
+    // available memory (default 60%).
+    let gpu_free = bench::device_memory(&dev).map(|(free, _)| free);
     let budget = if a.batch_size.is_empty() {
-        let avail = bench::mem_available();
-        let s = a.memory_budget.as_deref().unwrap_or("60%");
+        let (avail, default) = match gpu_free {
+            Some(f) => (Some(f), "90%"),
+            None => (bench::mem_available(), "60%"),
+        };
+        let s = a.memory_budget.as_deref().unwrap_or(default);
         Some(report::parse_bytes(s, avail).map_err(|e| anyhow::anyhow!("--memory-budget {e}"))?)
     } else {
         None
@@ -239,23 +255,45 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         None
     } else {
         let cache = a.probe_cache.clone().or_else(default_cache_path);
-        let given = a.peak_gflops.is_some() && a.bandwidth_gbs.is_some();
+        let gpu = bench::device_name(&dev).map(|name| {
+            let sheet = Machine::gpu_data_sheet(&name);
+            (name, sheet)
+        });
+        if let Some((name, None)) = &gpu {
+            if a.peak_gflops.is_none() || a.bandwidth_gbs.is_none() {
+                bail!("no data-sheet numbers for GPU `{name}`: give --peak-gflops and --bandwidth-gbs (or --no-roofline)");
+            }
+        }
+        let given = (a.peak_gflops.is_some() && a.bandwidth_gbs.is_some()) || gpu.is_some();
         if !given && (a.reprobe || cache.as_ref().is_none_or(|p| !p.exists())) {
             say("probing this machine's matmul FLOP/s and memory bandwidth (a few seconds)...");
         }
         let (mut m, src) = if given {
             let t = rayon::current_num_threads();
             (
-                Machine {
-                    flops: 0.0,
-                    bandwidth: 0.0,
-                    read_bandwidth: 0.0,
-                    copy_bandwidth: 0.0,
-                    cpu: "given by --peak-gflops and --bandwidth-gbs".into(),
-                    threads: t,
-                    matmul_n: 0,
-                    buffer_mib: 0,
-                    probed_at: 0,
+                match &gpu {
+                    Some((name, Some((flops, bw)))) => Machine {
+                        flops: *flops,
+                        bandwidth: *bw,
+                        read_bandwidth: *bw,
+                        copy_bandwidth: *bw,
+                        cpu: format!("{name} (data sheet: dense bf16 FLOP/s, HBM bandwidth)"),
+                        threads: t,
+                        matmul_n: 0,
+                        buffer_mib: 0,
+                        probed_at: 0,
+                    },
+                    _ => Machine {
+                        flops: 0.0,
+                        bandwidth: 0.0,
+                        read_bandwidth: 0.0,
+                        copy_bandwidth: 0.0,
+                        cpu: "given by --peak-gflops and --bandwidth-gbs".into(),
+                        threads: t,
+                        matmul_n: 0,
+                        buffer_mib: 0,
+                        probed_at: 0,
+                    },
                 },
                 None,
             )
@@ -306,7 +344,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         bench::trim_heap();
         let (base_rss, _) = bench::rss();
         let model = Arc::new(
-            src.load(a.weights_seed)
+            src.load(a.weights_seed, &dev, dtype)
                 .with_context(|| format!("loading {name}"))?,
         );
         let (loaded_rss, _) = bench::rss();
@@ -317,7 +355,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             let batches = match budget {
                 None => a.batch_size.clone(),
                 Some(budget) => {
-                    let (b, why) = bench::auto_batch(&model, p, g, budget, base_rss, a.max_batch)
+                    // On a GPU the budget is already net of what the process holds there.
+                    let overhead = if gpu_free.is_some() { 0 } else { base_rss };
+                    let (b, why) = bench::auto_batch(&model, p, g, budget, overhead, a.max_batch)
                         .with_context(|| format!("{name}, {}", s.name()))?;
                     let note = format!("{name} {}: {why}", s.name());
                     say(&note);
@@ -338,7 +378,12 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                         model: name.clone(),
                         setting: s.name(),
                         workload: w,
-                        bound: Roofline::bound(&model.config, &w, m),
+                        bound: Roofline::bound_with(
+                            &model.config,
+                            &w,
+                            m,
+                            model.dtype().size_in_bytes() as f64,
+                        ),
                         memory: mm.total(b) + base_rss,
                         kv_per_sample: mm.kv_per_sample,
                     });

@@ -94,6 +94,14 @@ pub struct Args {
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
+    /// Device of the forward and backward passes: cpu, or cuda[:N] (a CUDA build). The AdamW
+    /// update and its state stay on the host in float32.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Mixed precision: bf16 computes the linear layers' products in bfloat16 over float32
+    /// master weights; off keeps float32. Default: bf16 on CUDA, off on the CPU.
+    #[arg(long)]
+    pub autocast: Option<String>,
 }
 
 fn with_vocab(cfg: ModelConfig, v: usize) -> ModelConfig {
@@ -160,11 +168,21 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let mode: DocMode = a.doc_mode.parse()?;
     let tok = Tokenizer::from_file(&a.tokenizer)?;
     let ckpt_dir = a.out.join("checkpoint");
+    let dev = super::common::device(&a.device)?;
+    let autocast = match a.autocast.as_deref() {
+        None => !dev.is_cpu(),
+        Some("bf16") => true,
+        Some("off") | Some("f32") => false,
+        Some(o) => bail!("--autocast {o}: expected bf16 or off"),
+    };
     let mut trainer = if a.resume {
         if !ckpt_dir.join("trainer_state.json").exists() {
             bail!("--resume: no checkpoint in {}", ckpt_dir.display());
         }
-        let mut t = Trainer::resume(&ckpt_dir)?;
+        let mut t = Trainer::resume_on(&ckpt_dir, &dev)?;
+        if a.autocast.is_some() {
+            t.cfg.autocast_bf16 = autocast;
+        }
         if let Some(s) = a.steps {
             if s != t.state.total_steps {
                 // Changes the schedule from here on: no longer bit-identical to the original
@@ -246,6 +264,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             eval_every: a.eval_every,
             eval_samples: a.eval_samples,
             save_every: a.save_every,
+            autocast_bf16: autocast,
         };
         let mut rnd = RandomInit::new(a.seed, &Device::Cpu);
         match vanilla {
@@ -258,9 +277,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                     fallback: Some(rnd),
                     origin: "init-from-vanilla".into(),
                 };
-                Trainer::new(&cfg, &mut src, tc)?
+                Trainer::new_on(&cfg, &mut src, tc, &dev)?
             }
-            None => Trainer::new(&cfg, &mut rnd, tc)?,
+            None => Trainer::new_on(&cfg, &mut rnd, tc, &dev)?,
         }
     };
     let cfg = trainer.model.config.clone();

@@ -25,6 +25,22 @@ use crate::kernels::kv_pool::{self, KvPool, PoolStep};
 use crate::kernels::{matmul, ops};
 use candle_core::{DType, Device, Tensor, D};
 
+thread_local! {
+    static AUTOCAST_BF16: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Mixed-precision training: float32 (master) weights and activations, with the products of
+/// [`Linear`] layers computed in bfloat16 (their inputs and weights cast down, the result cast
+/// back up; gradients flow through the casts). Off by default; set by the trainer around its
+/// own forward passes, for the calling thread only.
+pub fn set_autocast_bf16(on: bool) {
+    AUTOCAST_BF16.with(|a| a.set(on));
+}
+
+fn autocast_bf16() -> bool {
+    AUTOCAST_BF16.with(|a| a.get())
+}
+
 /// Dense layer `y = x W^T + b`; the weight is held as `W^T` (`[in, out]`, contiguous).
 #[derive(Clone, Debug)]
 pub struct Linear {
@@ -65,7 +81,14 @@ impl Linear {
         let y = match self.skinny(x, rows, in_dim, out_dim)? {
             Some(y) => y,
             None => {
-                let y = x.reshape((rows, in_dim))?.matmul(&self.weight_t)?;
+                let x2 = x.reshape((rows, in_dim))?;
+                let y = if autocast_bf16() && x.dtype() == DType::F32 {
+                    x2.to_dtype(DType::BF16)?
+                        .matmul(&self.weight_t.to_dtype(DType::BF16)?)?
+                        .to_dtype(DType::F32)?
+                } else {
+                    x2.matmul(&self.weight_t)?
+                };
                 match &self.bias {
                     Some(b) => y.broadcast_add(b)?,
                     None => y,
