@@ -12,7 +12,7 @@ use candle_core::{DType, Device, Tensor};
 use std::sync::{Arc, Mutex};
 
 /// Scores a batched attention group may hold (`span * heads * n_q * T`); larger groups are
-/// split row by row.
+/// split into runs of consecutive slots.
 const GROUP_SCORE_BUDGET: usize = 1 << 27;
 
 /// One stack's KV caches for up to `slots` rows.
@@ -188,16 +188,21 @@ impl PoolStep {
         let mut groups = Vec::new();
         let mut gather = vec![0u32; n];
         let mut out_rows = 0usize;
-        for (n_q, members) in by_len {
-            let lo = members.iter().map(|&r| slots[r]).min().unwrap_or(0);
-            let hi = members.iter().map(|&r| slots[r]).max().unwrap_or(0);
-            let t = members.iter().map(|&r| lens[r] + n_q).max().unwrap_or(1);
-            let batched = (hi - lo + 1) * nh * n_q * t <= GROUP_SCORE_BUDGET;
-            let parts: Vec<Vec<usize>> = if batched {
-                vec![members]
-            } else {
-                members.into_iter().map(|r| vec![r]).collect()
-            };
+        for (n_q, mut members) in by_len {
+            // Consecutive slots while the group's scores fit the budget.
+            members.sort_by_key(|&r| slots[r]);
+            let mut parts: Vec<Vec<usize>> = Vec::new();
+            for r in members {
+                let fits = parts.last().is_some_and(|p| {
+                    let lo = slots[p[0]];
+                    let t = p.iter().map(|&x| lens[x]).max().unwrap_or(0).max(lens[r]) + n_q;
+                    (slots[r] - lo + 1) * nh * n_q * t <= GROUP_SCORE_BUDGET
+                });
+                match parts.last_mut() {
+                    Some(p) if fits => p.push(r),
+                    _ => parts.push(vec![r]),
+                }
+            }
             for part in parts {
                 let lo = part.iter().map(|&r| slots[r]).min().unwrap_or(0);
                 let hi = part.iter().map(|&r| slots[r]).max().unwrap_or(0);
