@@ -374,6 +374,10 @@ impl Trainer {
                 let sel = h
                     .reshape((b * t, w))?
                     .index_select(&Tensor::new(rows.as_slice(), h.device())?, 0)?;
+                let head = &v.embed_out.weight_t;
+                if sel.device().is_cpu() && !self.cfg.autocast_bf16 {
+                    return Ok(lm_head_cross_entropy(&sel, head, targets)?.mean_all()?);
+                }
                 let logits = v.embed_out.forward(&sel)?.contiguous()?;
                 Ok(softmax_cross_entropy(&logits, targets)?.mean_all()?)
             }
@@ -729,6 +733,132 @@ impl candle_core::CustomOp1 for SoftmaxCe {
                 o[t as usize] -= gi;
             });
         Ok(Some(Tensor::from_vec(out, (c, v), arg.device())?))
+    }
+}
+
+/// LM head and softmax cross-entropy as one differentiable op (CPU, float32): `h [C, H]`,
+/// `w [H, V]` (the head held as `W^T`) and one target per row -> per-row loss `[C]`. The
+/// logits `[C, V]`, the largest activations of a small model's step, never become graph nodes:
+/// the forward keeps them for the backward, which turns them into `g (softmax - onehot)` in
+/// place and returns `dh = dlogits W` and `dW^T = h^T dlogits` from two `gemm` calls.
+pub fn lm_head_cross_entropy(h: &Tensor, w: &Tensor, targets: Vec<u32>) -> Result<Tensor> {
+    let (c, hd) = h.dims2()?;
+    let (wh, v) = w.dims2()?;
+    if wh != hd || targets.len() != c || targets.iter().any(|&t| t as usize >= v) {
+        return Err(Error::input(
+            "targets",
+            "h [C, H], w [H, V] and one target in 0..V per row expected",
+        ));
+    }
+    Ok(h.contiguous()?.apply_op2(
+        &w.contiguous()?,
+        LmHeadCe {
+            targets: std::sync::Arc::new(targets),
+            logits: std::sync::Mutex::new(None),
+        },
+    )?)
+}
+
+struct LmHeadCe {
+    targets: std::sync::Arc<Vec<u32>>,
+    /// The forward's logits, taken by the backward (recomputed if absent).
+    logits: std::sync::Mutex<Option<Vec<f32>>>,
+}
+
+impl LmHeadCe {
+    fn logits(&self, h: &[f32], w: &[f32], c: usize, hd: usize, v: usize) -> Vec<f32> {
+        let mut z = vec![0f32; c * v];
+        crate::kernels::matmul::gemm_strided((c, hd, v), &mut z, h, (hd, 1), w, (v, 1), 1.0, true);
+        z
+    }
+}
+
+impl candle_core::CustomOp2 for LmHeadCe {
+    fn name(&self) -> &'static str {
+        "lm-head-cross-entropy"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &candle_core::CpuStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::CpuStorage,
+        l2: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let (c, hd) = l1.shape().dims2()?;
+        let (_, v) = l2.shape().dims2()?;
+        let (Some((a1, b1)), Some((a2, b2))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
+        else {
+            candle_core::bail!("lm-head-cross-entropy: inputs must be contiguous")
+        };
+        let h = &s1.as_slice::<f32>()?[a1..b1];
+        let w = &s2.as_slice::<f32>()?[a2..b2];
+        let z = self.logits(h, w, c, hd, v);
+        let out: Vec<f32> = z
+            .par_chunks(v)
+            .zip(self.targets.par_iter())
+            .map(|(row, &t)| row_lse(row) - row[t as usize])
+            .collect();
+        if let Ok(mut slot) = self.logits.lock() {
+            *slot = Some(z);
+        }
+        Ok((
+            candle_core::CpuStorage::F32(out),
+            candle_core::Shape::from(c),
+        ))
+    }
+
+    fn bwd(
+        &self,
+        h: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (c, hd) = h.dims2()?;
+        let (_, v) = w.dims2()?;
+        let hv: Vec<f32> = h.flatten_all()?.to_vec1()?;
+        let wv: Vec<f32> = w.flatten_all()?.to_vec1()?;
+        let g: Vec<f32> = grad.flatten_all()?.to_vec1()?;
+        let kept = self.logits.lock().ok().and_then(|mut s| s.take());
+        let mut z = kept.unwrap_or_else(|| self.logits(&hv, &wv, c, hd, v));
+        // dlogits = g (softmax - onehot), in place.
+        z.par_chunks_mut(v)
+            .zip(self.targets.par_iter().zip(g.par_iter()))
+            .for_each(|(row, (&t, &gi))| {
+                let lse = row_lse(row);
+                for x in row.iter_mut() {
+                    *x = gi * (*x - lse).exp();
+                }
+                row[t as usize] -= gi;
+            });
+        let mut dh = vec![0f32; c * hd];
+        let mut dw = vec![0f32; hd * v];
+        // dh [C, H] = dlogits [C, V] . W^T [V, H];  dW^T [H, V] = h^T [H, C] . dlogits [C, V].
+        crate::kernels::matmul::gemm_strided(
+            (c, v, hd),
+            &mut dh,
+            &z,
+            (v, 1),
+            &wv,
+            (1, v),
+            1.0,
+            true,
+        );
+        crate::kernels::matmul::gemm_strided(
+            (hd, c, v),
+            &mut dw,
+            &hv,
+            (1, hd),
+            &z,
+            (v, 1),
+            1.0,
+            true,
+        );
+        Ok((
+            Some(Tensor::from_vec(dh, (c, hd), h.device())?),
+            Some(Tensor::from_vec(dw, (hd, v), w.device())?),
+        ))
     }
 }
 

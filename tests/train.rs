@@ -505,4 +505,38 @@ fn training_loss_equals_the_model_forward_loss() {
             gc.get(var.as_tensor()).unwrap()
         ) < 1e-5
     );
+    // LM head + cross-entropy in one op: value and both gradients against matmul + the
+    // composed cross-entropy.
+    let h = candle_core::Var::from_tensor(&Tensor::randn(0f32, 1.0, (5, 6), &Device::Cpu).unwrap())
+        .unwrap();
+    let w =
+        candle_core::Var::from_tensor(&Tensor::randn(0f32, 1.0, (6, 11), &Device::Cpu).unwrap())
+            .unwrap();
+    let fused = train::lm_head_cross_entropy(h.as_tensor(), w.as_tensor(), t.clone()).unwrap();
+    let gf = (fused.clone() * Tensor::new(&[1f32, 2., 3., 4., 5.], &Device::Cpu).unwrap())
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let (ce, _) = blockformer::model::block_transformer::cross_entropy(
+        &h.as_tensor().matmul(w.as_tensor()).unwrap(),
+        &t.iter().map(|&x| x as i64).collect::<Vec<_>>(),
+    )
+    .unwrap();
+    let gc = (ce.clone() * Tensor::new(&[1f32, 2., 3., 4., 5.], &Device::Cpu).unwrap())
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    assert!(d(&fused, &ce) < 1e-5);
+    for v in [&h, &w] {
+        assert!(
+            d(
+                gf.get(v.as_tensor()).unwrap(),
+                gc.get(v.as_tensor()).unwrap()
+            ) < 1e-5
+        );
+    }
 }

@@ -15,6 +15,60 @@ pub const SKINNY_MAX_ROWS: usize = 2;
 /// Columns per parallel task (at most; narrower for small `n` so both cores get work).
 const STRIP: usize = 256;
 
+/// `dst[m, n] = alpha * lhs[m, k] . rhs[k, n]` through the `gemm` crate, operands given by
+/// their (row, column) strides (a transposed operand is the same buffer with the strides
+/// swapped); `dst` is row-major. `parallel`: split over rayon's threads (else one thread, for
+/// callers that are themselves parallel).
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_strided(
+    (m, k, n): (usize, usize, usize),
+    dst: &mut [f32],
+    lhs: &[f32],
+    (lhs_rs, lhs_cs): (usize, usize),
+    rhs: &[f32],
+    (rhs_rs, rhs_cs): (usize, usize),
+    alpha: f32,
+    parallel: bool,
+) {
+    if m == 0 || n == 0 || k == 0 {
+        dst[..m * n].fill(0.0);
+        return;
+    }
+    assert!(dst.len() >= m * n);
+    assert!(lhs.len() > (m - 1) * lhs_rs + (k - 1) * lhs_cs);
+    assert!(rhs.len() > (k - 1) * rhs_rs + (n - 1) * rhs_cs);
+    let threads = rayon::current_num_threads();
+    let par = if parallel && threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: the asserts bound every index the strides reach; dst is row-major [m, n].
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            lhs.as_ptr(),
+            lhs_cs as isize,
+            lhs_rs as isize,
+            rhs.as_ptr(),
+            rhs_cs as isize,
+            rhs_rs as isize,
+            0.0,
+            alpha,
+            false,
+            false,
+            false,
+            par,
+        )
+    }
+}
+
 /// `y = x w + bias`; `x` is `[m, k]`, `w` is `[k, n]`, `y` is `[m, n]`, all row-major.
 pub fn matmul_skinny(x: &[f32], w: &[f32], m: usize, k: usize, n: usize, y: &mut [f32]) {
     assert_eq!(x.len(), m * k);

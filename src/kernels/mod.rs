@@ -5,3 +5,4 @@ pub mod attention;
 pub mod kv_pool;
 pub mod matmul;
 pub mod ops;
+pub mod train_attention;

@@ -1,6 +1,7 @@
 //! Row-wise building blocks of the decode path on host buffers: matmul accumulating into its
 //! output (so biases and residuals are fused), LayerNorm, exact GELU. Each has a plain twin in
-//! the tests (candle's ops or a loop) that it is compared with.
+//! the tests (candle's ops or a loop) that it is compared with. Also two ops of the training
+//! path with their own backward: LayerNorm ([`LayerNormOp`]) and bias + GELU ([`BiasGeluOp`]).
 
 use super::matmul;
 use rayon::prelude::*;
@@ -316,16 +317,49 @@ mod layer_norm_op_tests {
     }
 }
 
-/// `softmax(scores * scale + bias)` over the last dimension, the attention probabilities of
-/// the training path in one differentiable op: `scores [B, heads, T, S]`, `bias [B, 1, T, S]`
-/// (the causal and padding mask, no gradient). Backward: `d scores = scale y (g - sum(g y))`.
-pub struct MaskedSoftmaxOp {
-    pub scale: f32,
+/// `gelu(x + b)` over rows of `x [.., F]` with `b [F]`, the MLP's bias and activation as one
+/// differentiable op for training (the composed backward of candle's `gelu_erf` alone takes
+/// about ten elementwise passes over `[N, F]`). Backward recomputes `z = x + b` and returns
+/// `dx = g gelu'(z)` and `db = sum over rows of dx`.
+pub struct BiasGeluOp {
+    /// `erf` GELU (`gelu`); else the tanh approximation (`gelu_new`, `gelu_fast`).
+    pub exact: bool,
 }
 
-impl candle_core::CustomOp2 for MaskedSoftmaxOp {
+const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+
+impl BiasGeluOp {
+    #[inline]
+    fn value(&self, z: f32) -> f32 {
+        if self.exact {
+            0.5 * z * (1.0 + libm::erff(z * std::f32::consts::FRAC_1_SQRT_2))
+        } else {
+            0.5 * z * (1.0 + (SQRT_2_OVER_PI * (z + 0.044715 * z * z * z)).tanh())
+        }
+    }
+
+    /// `(gelu(z), gelu'(z))`.
+    #[inline]
+    fn value_and_slope(&self, z: f32) -> (f32, f32) {
+        if self.exact {
+            let cdf = 0.5 * (1.0 + libm::erff(z * std::f32::consts::FRAC_1_SQRT_2));
+            let pdf = (-0.5 * z * z).exp() * (0.5 * SQRT_2_OVER_PI);
+            (z * cdf, cdf + z * pdf)
+        } else {
+            let u = SQRT_2_OVER_PI * (z + 0.044715 * z * z * z);
+            let t = u.tanh();
+            let du = SQRT_2_OVER_PI * (1.0 + 3.0 * 0.044715 * z * z);
+            (
+                0.5 * z * (1.0 + t),
+                0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * du,
+            )
+        }
+    }
+}
+
+impl candle_core::CustomOp2 for BiasGeluOp {
     fn name(&self) -> &'static str {
-        "masked-softmax"
+        "bias-gelu"
     }
 
     fn cpu_fwd(
@@ -335,220 +369,88 @@ impl candle_core::CustomOp2 for MaskedSoftmaxOp {
         s2: &candle_core::CpuStorage,
         l2: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        let err = |m: &str| candle_core::Error::Msg(format!("masked-softmax: {m}"));
-        let (x, bias) = (input(s1, l1, self.name())?, input(s2, l2, self.name())?);
-        let dims = l1.dims();
-        if dims.len() != 4 || l2.dims() != [dims[0], 1, dims[2], dims[3]] {
-            return Err(err("expected scores [B, h, T, S] and bias [B, 1, T, S]"));
-        }
-        let (h, t, sl) = (dims[1], dims[2], dims[3]);
+        let (x, b) = (input(s1, l1, self.name())?, input(s2, l2, self.name())?);
+        let f = b.len();
         let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(sl).enumerate().for_each(|(row, o)| {
-            let xr = &x[row * sl..(row + 1) * sl];
-            let br = (row / (h * t)) * t + row % t;
-            let br = &bias[br * sl..(br + 1) * sl];
-            let mut m = f32::NEG_INFINITY;
-            for ((oi, xi), bi) in o.iter_mut().zip(xr).zip(br) {
-                *oi = xi * self.scale + bi;
-                m = m.max(*oi);
-            }
-            let mut z = 0f32;
-            for oi in o.iter_mut() {
-                *oi = (*oi - m).exp();
-                z += *oi;
-            }
-            let inv = 1.0 / z;
-            o.iter_mut().for_each(|v| *v *= inv);
-        });
+        out.par_chunks_mut(f * 16)
+            .zip(x.par_chunks(f * 16))
+            .for_each(|(o, xs)| {
+                for (orow, xrow) in o.chunks_exact_mut(f).zip(xs.chunks_exact(f)) {
+                    for ((oj, &xj), &bj) in orow.iter_mut().zip(xrow).zip(b) {
+                        *oj = self.value(xj + bj);
+                    }
+                }
+            });
         Ok((candle_core::CpuStorage::F32(out), l1.shape().clone()))
     }
 
     fn bwd(
         &self,
-        _x: &candle_core::Tensor,
-        _bias: &candle_core::Tensor,
-        res: &candle_core::Tensor,
+        x: &candle_core::Tensor,
+        b: &candle_core::Tensor,
+        _res: &candle_core::Tensor,
         grad: &candle_core::Tensor,
     ) -> candle_core::Result<(Option<candle_core::Tensor>, Option<candle_core::Tensor>)> {
-        let d = *res.dims().last().unwrap_or(&1);
-        let (y, g) = (host(res)?, host(grad)?);
-        let mut dx = vec![0f32; y.len()];
-        dx.par_chunks_mut(d)
-            .zip(y.par_chunks(d).zip(g.par_chunks(d)))
-            .for_each(|(o, (yr, gr))| {
-                let s: f32 = yr.iter().zip(gr).map(|(a, b)| a * b).sum();
-                for ((oi, yi), gi) in o.iter_mut().zip(yr).zip(gr) {
-                    *oi = self.scale * yi * (gi - s);
+        let f = b.elem_count();
+        let (xv, bv, gv) = (host(x)?, host(b)?, host(grad)?);
+        let mut dx = vec![0f32; xv.len()];
+        // Chunks of rows: dx, and each chunk's partial db.
+        let partial: Vec<Vec<f32>> = dx
+            .par_chunks_mut(f * 16)
+            .zip(xv.par_chunks(f * 16).zip(gv.par_chunks(f * 16)))
+            .map(|(d, (xs, gs))| {
+                let mut db = vec![0f32; f];
+                for ((drow, xrow), grow) in d
+                    .chunks_exact_mut(f)
+                    .zip(xs.chunks_exact(f))
+                    .zip(gs.chunks_exact(f))
+                {
+                    for j in 0..f {
+                        let v = grow[j] * self.value_and_slope(xrow[j] + bv[j]).1;
+                        drow[j] = v;
+                        db[j] += v;
+                    }
                 }
-            });
+                db
+            })
+            .collect();
+        let mut db = vec![0f32; f];
+        for p in partial {
+            for (a, v) in db.iter_mut().zip(p) {
+                *a += v;
+            }
+        }
+        let dev = x.device();
         Ok((
-            Some(candle_core::Tensor::from_vec(
-                dx,
-                res.shape(),
-                res.device(),
-            )?),
-            None,
+            Some(candle_core::Tensor::from_vec(dx, x.shape(), dev)?),
+            Some(candle_core::Tensor::from_vec(db, b.shape(), dev)?),
         ))
     }
 }
 
 #[cfg(test)]
-mod masked_softmax_tests {
-    use super::*;
-    use candle_core::{Device, Tensor, Var, D};
-
-    #[test]
-    fn masked_softmax_matches_the_composed_ops() {
-        let dev = Device::Cpu;
-        let mut seed = 13;
-        let mut v = |n: usize| {
-            seed += 1;
-            super::tests::rand_vec(n, seed)
-        };
-        let (b, h, t) = (2, 3, 5);
-        let x = Var::from_vec(v(b * h * t * t), (b, h, t, t), &dev).unwrap();
-        let bias = crate::model::gpt_neox::attention_bias(
-            b,
-            t,
-            Some(&Tensor::from_vec(vec![1u8, 1, 0, 1, 1, 0, 1, 1, 1, 1], (b, t), &dev).unwrap()),
-            &dev,
-        )
-        .unwrap();
-        let r = Tensor::from_vec(v(b * h * t * t), (b, h, t, t), &dev).unwrap();
-        let fused = x.apply_op2(&bias, MaskedSoftmaxOp { scale: 0.3 }).unwrap();
-        let composed = candle_nn::ops::softmax(
-            &(x.as_tensor() * 0.3).unwrap().broadcast_add(&bias).unwrap(),
-            D::Minus1,
-        )
-        .unwrap();
-        let gf = (fused.clone() * &r)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let gc = (composed.clone() * &r)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        super::tests::assert_pairs_close(
-            &[
-                (&fused, &composed),
-                (gf.get(&x).unwrap(), gc.get(&x).unwrap()),
-            ],
-            1e-5,
-        );
-    }
-}
-
-/// Partial rotary embedding of `x [B, heads, T, hd]` (first `dims` entries of every head
-/// vector, position = index along `T`) as one differentiable op, for training. The rotation is
-/// orthogonal, so the backward pass is the inverse rotation of the gradient.
-pub struct RotaryOp {
-    pub rotary: std::sync::Arc<super::attention::Rotary>,
-}
-
-impl RotaryOp {
-    fn run(&self, x: &[f32], dims: &[usize], inverse: bool) -> Vec<f32> {
-        let (t, hd) = (dims[2], dims[3]);
-        let mut out = x.to_vec();
-        out.par_chunks_mut(t * hd).for_each(|head| {
-            for (p, v) in head.chunks_mut(hd).enumerate() {
-                self.rotary.apply_signed(v, p, inverse);
-            }
-        });
-        out
-    }
-}
-
-impl candle_core::CustomOp1 for RotaryOp {
-    fn name(&self) -> &'static str {
-        "rotary"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s: &candle_core::CpuStorage,
-        l: &candle_core::Layout,
-    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        let x = input(s, l, self.name())?;
-        if l.dims().len() != 4 {
-            return Err(candle_core::Error::Msg(
-                "rotary: expected [B, heads, T, hd]".into(),
-            ));
-        }
-        let out = self.run(x, l.dims(), false);
-        Ok((candle_core::CpuStorage::F32(out), l.shape().clone()))
-    }
-
-    fn bwd(
-        &self,
-        _x: &candle_core::Tensor,
-        _res: &candle_core::Tensor,
-        grad: &candle_core::Tensor,
-    ) -> candle_core::Result<Option<candle_core::Tensor>> {
-        let g = host(grad)?;
-        let dx = self.run(&g, grad.dims(), true);
-        Ok(Some(candle_core::Tensor::from_vec(
-            dx,
-            grad.shape(),
-            grad.device(),
-        )?))
-    }
-}
-
-#[cfg(test)]
-mod rotary_op_tests {
+mod bias_gelu_op_tests {
     use super::*;
     use candle_core::{Device, Tensor, Var};
 
     #[test]
-    fn fused_rotary_matches_rope_slow_forward_and_backward() {
+    fn fused_bias_gelu_matches_the_composed_ops() {
         let dev = Device::Cpu;
-        let (b, h, t, hd, rd) = (2, 3, 6, 8, 4);
-        let rot = std::sync::Arc::new(super::super::attention::Rotary::new(rd, 10000.0, 16));
-        let mut seed = 12;
-        let mut v = |n: usize| {
-            seed += 1;
-            super::tests::rand_vec(n, seed)
-        };
-        let x = Var::from_vec(v(b * h * t * hd), (b, h, t, hd), &dev).unwrap();
-        let r = Tensor::from_vec(v(b * h * t * hd), (b, h, t, hd), &dev).unwrap();
-        let fused = x
-            .apply_op1(RotaryOp {
-                rotary: rot.clone(),
-            })
-            .unwrap();
-        let half = rd / 2;
-        let cos = Tensor::from_vec(rot.cos[..t * half].to_vec(), (t, half), &dev).unwrap();
-        let sin = Tensor::from_vec(rot.sin[..t * half].to_vec(), (t, half), &dev).unwrap();
-        let head = candle_nn::rotary_emb::rope_slow(
-            &x.narrow(3, 0, rd).unwrap().contiguous().unwrap(),
-            &cos,
-            &sin,
-        )
-        .unwrap();
-        let reference = Tensor::cat(&[&head, &x.narrow(3, rd, hd - rd).unwrap()], 3).unwrap();
-        let gf = (fused.clone() * &r)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let gr = (reference.clone() * &r)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        super::tests::assert_pairs_close(
-            &[
-                (&fused, &reference),
-                (gf.get(&x).unwrap(), gr.get(&x).unwrap()),
-            ],
-            1e-5,
-        );
+        let (rows, f) = (37, 24);
+        for exact in [true, false] {
+            let x = Var::from_vec(super::tests::rand_vec(rows * f, 3), (rows, f), &dev).unwrap();
+            let b = Var::from_vec(super::tests::rand_vec(f, 4), f, &dev).unwrap();
+            let r = Tensor::from_vec(super::tests::rand_vec(rows * f, 5), (rows, f), &dev).unwrap();
+            let fused = x.apply_op2(&b, BiasGeluOp { exact }).unwrap();
+            let z = x.broadcast_add(&b).unwrap();
+            let composed = if exact { z.gelu_erf() } else { z.gelu() }.unwrap();
+            let grads = |y: &Tensor| (y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let (gf, gc) = (grads(&fused), grads(&composed));
+            let mut pairs = vec![(&fused, &composed)];
+            for t in [&x, &b] {
+                pairs.push((gf.get(t).unwrap(), gc.get(t).unwrap()));
+            }
+            super::tests::assert_pairs_close(&pairs, 1e-4);
+        }
     }
 }

@@ -22,6 +22,7 @@ use crate::config::NeoXConfig;
 use crate::error::Result;
 use crate::kernels::attention::{self, KvCache, KvDtype, Rotary, RowSpec};
 use crate::kernels::kv_pool::{self, KvPool, PoolStep};
+use crate::kernels::train_attention::CausalAttentionOp;
 use crate::kernels::{matmul, ops};
 use candle_core::{DType, Device, Tensor, D};
 
@@ -71,6 +72,29 @@ impl Linear {
         Ok(Linear { weight_t, bias })
     }
 
+    /// `x W^T` without the bias, `x [.., in] -> [.., out]` (bf16 products under autocast).
+    pub fn product(&self, x: &Tensor) -> Result<Tensor> {
+        if x.rank() == 2 {
+            // No reshape nodes: each costs a zero-fill and an add in the backward pass.
+            return self.product_2d(x);
+        }
+        let mut dims = x.dims().to_vec();
+        let in_dim = *dims.last().expect("rank >= 1");
+        let y = self.product_2d(&x.reshape((x.elem_count() / in_dim, in_dim))?)?;
+        *dims.last_mut().expect("rank >= 1") = self.weight_t.dim(1)?;
+        Ok(y.reshape(dims)?)
+    }
+
+    fn product_2d(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(if autocast_bf16() && x.dtype() == DType::F32 {
+            x.to_dtype(DType::BF16)?
+                .matmul(&self.weight_t.to_dtype(DType::BF16)?)?
+                .to_dtype(DType::F32)?
+        } else {
+            x.matmul(&self.weight_t)?
+        })
+    }
+
     /// `x [.., in] -> [.., out]`, flattened to one matmul. Inference on the CPU with few rows
     /// (decoding) takes the skinny kernel, which streams the weights at memory speed.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -81,20 +105,16 @@ impl Linear {
         let y = match self.skinny(x, rows, in_dim, out_dim)? {
             Some(y) => y,
             None => {
-                let x2 = x.reshape((rows, in_dim))?;
-                let y = if autocast_bf16() && x.dtype() == DType::F32 {
-                    x2.to_dtype(DType::BF16)?
-                        .matmul(&self.weight_t.to_dtype(DType::BF16)?)?
-                        .to_dtype(DType::F32)?
-                } else {
-                    x2.matmul(&self.weight_t)?
-                };
+                let y = self.product(x)?;
                 match &self.bias {
                     Some(b) => y.broadcast_add(b)?,
                     None => y,
                 }
             }
         };
+        if y.rank() == dims.len() {
+            return Ok(y);
+        }
         let mut out_dims = dims;
         *out_dims.last_mut().expect("rank >= 1") = out_dim;
         Ok(y.reshape(out_dims)?)
@@ -216,8 +236,26 @@ impl Layer {
     }
 
     fn mlp(&self, x: &Tensor, act: &str) -> Result<Tensor> {
-        self.dense_4h_to_h
-            .forward(&activation(&self.dense_h_to_4h.forward(x)?, act)?)
+        let fc1 = &self.dense_h_to_4h;
+        let rows = x.elem_count() / x.dim(D::Minus1)?;
+        let hidden = match &fc1.bias {
+            // Bias and GELU as one op with its own backward (CPU float32, not decode-sized).
+            Some(b)
+                if x.device().is_cpu()
+                    && x.dtype() == DType::F32
+                    && (rows > matmul::SKINNY_MAX_ROWS || fc1.weight_t.is_variable()) =>
+            {
+                let h = fc1.product(x)?.contiguous()?;
+                h.apply_op2(
+                    b,
+                    ops::BiasGeluOp {
+                        exact: act == "gelu",
+                    },
+                )?
+            }
+            _ => activation(&fc1.forward(x)?, act)?,
+        };
+        self.dense_4h_to_h.forward(&hidden)
     }
 }
 
@@ -231,7 +269,7 @@ pub struct NeoX {
     pub layers: Vec<Layer>,
     pub final_layer_norm: LayerNorm,
     pub rotary: Rotary,
-    /// The same tables, shared with the training path's rotary op.
+    /// The same tables, shared with the training path's attention op.
     rotary_shared: std::sync::Arc<Rotary>,
 }
 
@@ -276,11 +314,13 @@ impl NeoX {
         let bias = attention_bias(b, t, key_mask, x.device())?; // [B, 1, T, T]
         let (cos, sin) = self.rotary_tables(t, x.device())?; // [T, rd/2]
         let (cos, sin) = (cos.to_dtype(x.dtype())?, sin.to_dtype(x.dtype())?);
-        let mut h = x.clone();
+        // The residual stream is kept as [B*T, W] (no reshape nodes around every linear layer).
+        let w = x.dim(2)?;
+        let mut h = x.reshape((b * t, w))?;
         for layer in &self.layers {
-            h = self.layer_forward(layer, &h, &bias, &cos, &sin)?;
+            h = self.layer_forward(layer, &h, (b, t), &bias, &cos, &sin)?;
         }
-        self.final_layer_norm.forward(&h)
+        Ok(self.final_layer_norm.forward(&h)?.reshape((b, t, w))?)
     }
 
     fn rotary_tables(&self, t: usize, dev: &Device) -> Result<(Tensor, Tensor)> {
@@ -300,63 +340,34 @@ impl NeoX {
         ))
     }
 
+    /// One layer over the residual stream `x [B*T, W]`.
     fn layer_forward(
         &self,
         layer: &Layer,
         x: &Tensor,
+        (b, t): (usize, usize),
         bias: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
     ) -> Result<Tensor> {
-        let (b, t, w) = x.dims3()?;
         let (nh, hd) = self.heads();
-        let rd = self.rotary.dims;
         let a = layer.input_layernorm.forward(x)?;
-        let qkv = layer
-            .query_key_value
-            .forward(&a)?
-            .reshape((b, t, nh, 3 * hd))?
-            .transpose(1, 2)?; // [B, nh, T, 3hd]
-        let fused_rotary = x.device().is_cpu() && x.dtype() == DType::F32;
-        let rot = |z: Tensor| -> Result<Tensor> {
-            if rd == 0 {
-                return Ok(z.contiguous()?);
-            }
-            if fused_rotary {
-                let op = ops::RotaryOp {
-                    rotary: self.rotary_shared.clone(),
-                };
-                return Ok(z.contiguous()?.apply_op1(op)?);
-            }
-            let r = candle_nn::rotary_emb::rope_slow(&z.narrow(3, 0, rd)?.contiguous()?, cos, sin)?;
-            if rd == hd {
-                Ok(r)
-            } else {
-                Ok(Tensor::cat(&[&r, &z.narrow(3, rd, hd - rd)?], 3)?.contiguous()?)
-            }
-        };
-        let q = rot(qkv.narrow(3, 0, hd)?)?;
-        let k = rot(qkv.narrow(3, hd, hd)?)?;
-        let v = qkv.narrow(3, 2 * hd, hd)?.contiguous()?;
-        let scale = 1.0 / (hd as f64).sqrt();
-        let raw = q.matmul(&k.t()?)?; // [B, nh, T, T]
-        let p = if fused_rotary {
-            raw.apply_op2(
+        let qkv = layer.query_key_value.forward(&a)?; // [B*T, 3W]
+        let o = if x.device().is_cpu() && x.dtype() == DType::F32 {
+            // One differentiable op on the CPU (see kernels::train_attention).
+            qkv.contiguous()?.apply_op2(
                 bias,
-                ops::MaskedSoftmaxOp {
-                    scale: scale as f32,
+                CausalAttentionOp {
+                    batch: b,
+                    seq: t,
+                    heads: nh,
+                    head_dim: hd,
+                    rotary: self.rotary_shared.clone(),
                 },
             )?
         } else {
-            // Scores and softmax in float32 (the bias holds float32's minimum).
-            let raw = raw.to_dtype(DType::F32)?;
-            candle_nn::ops::softmax(&(raw * scale)?.broadcast_add(bias)?, D::Minus1)?
-                .to_dtype(x.dtype())?
+            self.attention_composed(&qkv, (b, t), bias, cos, sin)?
         };
-        let o = p
-            .matmul(&v)? // [B, nh, T, hd]
-            .transpose(1, 2)?
-            .reshape((b, t, w))?;
         let attn = layer.dense.forward(&o)?;
         let act = self.cfg.hidden_act.as_str();
         if self.cfg.use_parallel_residual {
@@ -369,6 +380,41 @@ impl NeoX {
         }
     }
 
+    /// Attention from candle ops (off the CPU): `qkv [B*T, 3W]` -> `[B*T, W]`.
+    fn attention_composed(
+        &self,
+        qkv: &Tensor,
+        (b, t): (usize, usize),
+        bias: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+    ) -> Result<Tensor> {
+        let (nh, hd) = self.heads();
+        let rd = self.rotary.dims;
+        let qkv = qkv.reshape((b, t, nh, 3 * hd))?.transpose(1, 2)?; // [B, nh, T, 3hd]
+        let rot = |z: Tensor| -> Result<Tensor> {
+            if rd == 0 {
+                return Ok(z.contiguous()?);
+            }
+            let r = candle_nn::rotary_emb::rope_slow(&z.narrow(3, 0, rd)?.contiguous()?, cos, sin)?;
+            if rd == hd {
+                Ok(r)
+            } else {
+                Ok(Tensor::cat(&[&r, &z.narrow(3, rd, hd - rd)?], 3)?.contiguous()?)
+            }
+        };
+        let q = rot(qkv.narrow(3, 0, hd)?)?;
+        let k = rot(qkv.narrow(3, hd, hd)?)?;
+        let v = qkv.narrow(3, 2 * hd, hd)?.contiguous()?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        // Scores and softmax in float32 (the bias holds float32's minimum).
+        let raw = q.matmul(&k.t()?)?.to_dtype(DType::F32)?; // [B, nh, T, T]
+        let p = candle_nn::ops::softmax(&(raw * scale)?.broadcast_add(bias)?, D::Minus1)?
+            .to_dtype(qkv.dtype())?;
+        Ok(p.matmul(&v)? // [B, nh, T, hd]
+            .transpose(1, 2)?
+            .reshape((b * t, nh * hd))?)
+    }
     /// A new, empty KV cache for one sequence of up to `capacity` positions.
     pub fn new_cache(&self, capacity: usize) -> KvCache {
         self.new_cache_typed(capacity, KvDtype::F32)
