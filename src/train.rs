@@ -787,12 +787,8 @@ impl candle_core::CustomOp2 for LmHeadCe {
     ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
         let (c, hd) = l1.shape().dims2()?;
         let (_, v) = l2.shape().dims2()?;
-        let (Some((a1, b1)), Some((a2, b2))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
-        else {
-            candle_core::bail!("lm-head-cross-entropy: inputs must be contiguous")
-        };
-        let h = &s1.as_slice::<f32>()?[a1..b1];
-        let w = &s2.as_slice::<f32>()?[a2..b2];
+        let h = crate::kernels::ops::input(s1, l1, self.name())?;
+        let w = crate::kernels::ops::input(s2, l2, self.name())?;
         let z = self.logits(h, w, c, hd, v);
         let out: Vec<f32> = z
             .par_chunks(v)

@@ -187,7 +187,7 @@ fn host(t: &candle_core::Tensor) -> candle_core::Result<Vec<f32>> {
 }
 
 /// The float32 data of a custom op's contiguous input.
-fn input<'a>(
+pub(crate) fn input<'a>(
     s: &'a candle_core::CpuStorage,
     l: &candle_core::Layout,
     op: &str,

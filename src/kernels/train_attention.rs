@@ -20,6 +20,7 @@
 
 use super::attention::Rotary;
 use super::matmul::gemm_strided;
+use super::ops::input;
 use candle_core::{CpuStorage, Layout, Shape, Tensor};
 use rayon::prelude::*;
 use std::sync::Arc;
@@ -111,13 +112,6 @@ impl CausalAttentionOp {
     }
 }
 
-fn input<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
-    let (a, b) = l
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg("causal-attention: non-contiguous input".into()))?;
-    Ok(&s.as_slice::<f32>()?[a..b])
-}
-
 impl candle_core::CustomOp2 for CausalAttentionOp {
     fn name(&self) -> &'static str {
         "causal-attention"
@@ -131,7 +125,7 @@ impl candle_core::CustomOp2 for CausalAttentionOp {
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         self.check(l1, l2)?;
-        let (qkv, bias) = (input(s1, l1)?, input(s2, l2)?);
+        let (qkv, bias) = (input(s1, l1, self.name())?, input(s2, l2, self.name())?);
         let (t, hd, w) = (self.seq, self.head_dim, self.width());
         let outs: Vec<Vec<f32>> = (0..self.batch * self.heads)
             .into_par_iter()
