@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check, one script (about 6-9 minutes on an H100, start-up excluded). Run on the GPU
+# The GPU check, one script (at most 9 minutes: every part has its own time limit). Run on the GPU
 # machine from the repository root, with .gpu/ made by scripts/build-cuda.sh on a build machine:
 #
 #   OUT=/some/dir scripts/gpu-check.sh
@@ -24,16 +24,16 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 ldd "$B" | grep -E "cuda|cublas|curand" | tee -a "$OUT/gpu.txt"
 
 echo "== smoke"
-timeout 120 "$B" generate --preset block_main_b4_5 --random-prompt-len 16 --max-new-tokens 8 \
+timeout 90 "$B" generate --preset block_main_b4_5 --random-prompt-len 16 --max-new-tokens 8 \
   --device cuda --ignore-eos 2>&1 | tail -3 | tee "$OUT/smoke.log"
 
 echo "== tests/device.rs on CUDA"
-BLOCKFORMER_TEST_DEVICE=cuda timeout 240 .gpu/test-device --nocapture --test-threads 1 2>&1 \
+BLOCKFORMER_TEST_DEVICE=cuda timeout 150 .gpu/test-device --nocapture --test-threads 1 2>&1 \
   | tee "$OUT/tests.log" | grep -vE "^\s+[0-9]+: |^\s+at " | tail -40
 
 echo "== Table 1 settings"
 for pair in "block_main_b4_85 vanilla_160" "block_main_b4_1.2b vanilla_410"; do
   set -- $pair
-  timeout 200 "$B" bench --device cuda --dtype bf16 --compare "$1" "$2" --max-batch 512 \
+  timeout 150 "$B" bench --device cuda --dtype bf16 --compare "$1" "$2" --max-batch 512 \
     --runs 1 --warmup 0 --chart "$OUT/bench-$1.svg" 2>&1 | tee "$OUT/bench-$1.txt" | tail -30
 done

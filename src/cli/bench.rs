@@ -143,7 +143,7 @@ impl Source {
         let m = match self {
             Source::Preset(p) => {
                 let cfg = config::preset(p)?;
-                Model::random(&cfg, weights_seed, &Device::Cpu)?
+                Model::random(&cfg, weights_seed, dev)?
             }
             Source::Checkpoint(path, preset) => {
                 checkpoint::load(path, preset.as_deref(), None, &Device::Cpu)?.model
