@@ -20,8 +20,8 @@ for l in sys.stdin:
     m=json.loads(l)
     if m.get("reason")=="compiler-artifact" and m.get("executable") and m["target"]["kind"]==["test"]:
         print(m["target"]["name"], m["executable"])' >target/cuda/test-binaries.txt
+rm -rf .gpu
 mkdir -p .gpu
-rm -f .gpu/*.xz
 xz -T2 -c target/cuda/release/blockformer >.gpu/blockformer.xz
 while read -r name exe; do xz -T2 -c "$exe" >".gpu/test-$name.xz"; done <target/cuda/test-binaries.txt
 ls -l .gpu
