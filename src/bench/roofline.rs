@@ -384,9 +384,9 @@ impl MemoryModel {
         f: usize,
     ) -> MemoryModel {
         let stack_act = |c: &NeoXConfig, n: usize| {
-            // x, LN out, QKV (3W), attention out, dense out, MLP intermediate and its GELU,
-            // MLP out, residual sum.
-            n * (9 * c.hidden_size + 2 * c.intermediate_size) * f
+            // The cached forward's buffers: input, residual stream, LayerNorm out, QKV (3W),
+            // attention out, MLP intermediate (reused by every layer).
+            n * (7 * c.hidden_size + c.intermediate_size) * f
         };
         match cfg {
             ModelConfig::Block(c) => {
