@@ -520,12 +520,10 @@ pub fn prefill_dense(
         let kc = k.narrow(1, 0, b)?.contiguous()?; // keys 0..b
         let vc = v.narrow(1, 0, b)?.contiguous()?;
         let qc = qt.narrow(1, a, b - a)?.contiguous()?;
-        let scores = (qc.matmul(&kc.t()?.contiguous()?)? * scale)?; // [h, b-a, b]
-        let mask: Vec<f32> = (a..b)
-            .flat_map(|i| (0..b).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
-            .collect();
-        let mask = Tensor::from_vec(mask, (b - a, b), &dev)?;
-        let p = candle_nn::ops::softmax_last_dim(&scores.broadcast_add(&mask)?)?;
+        let scores = qc.matmul(&kc.t()?.contiguous()?)?; // [h, b-a, b]
+        let mut s: Vec<f32> = scores.flatten_all()?.to_vec1()?;
+        super::ops::causal_softmax(&mut s, b, b - a, a, scale as f32);
+        let p = Tensor::from_vec(s, (h, b - a, b), &dev)?;
         outs.push(p.matmul(&vc)?); // [h, b-a, hd]
     }
     let o = Tensor::cat(&outs, 1)?.transpose(0, 1)?.contiguous()?; // [n, h, hd]
