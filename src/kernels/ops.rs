@@ -137,8 +137,8 @@ unsafe fn exp_avx512(x: &mut [f32]) {
         1.0 / 5040.0,
     ];
     let log2e = _mm512_set1_ps(std::f32::consts::LOG2_E);
-    let ln2_hi = _mm512_set1_ps(0.693_145_751_953_125);
-    let ln2_lo = _mm512_set1_ps(1.428_606_765_330_187e-6);
+    let ln2_hi = _mm512_set1_ps(0.693_145_75);
+    let ln2_lo = _mm512_set1_ps(1.428_606_8e-6);
     let lo = _mm512_set1_ps(-104.0);
     let hi = _mm512_set1_ps(89.0);
     let mut chunks = x.chunks_exact_mut(16);
