@@ -231,10 +231,16 @@ pub fn weight_bytes(model: &Model) -> usize {
 /// model's dtype).
 pub fn memory_model(model: &Model, prompt_len: usize, new_tokens: usize) -> MemoryModel {
     let elem = model.dtype().size_in_bytes();
-    MemoryModel {
+    let mut mm = MemoryModel {
         weights: weight_bytes(model),
         ..MemoryModel::with_elem(&model.config, prompt_len, new_tokens, elem)
+    };
+    if !model.device().is_cpu() {
+        // The tensor path runs op by op: its temporaries outlive the host path's reused
+        // buffers (an allowance of twice those buffers, until a GPU run measures it).
+        mm.activations_per_sample *= 2;
     }
+    mm
 }
 
 /// Checks that a model can run these lengths.
