@@ -116,8 +116,20 @@ pub struct Group {
     pub t: usize,
     /// `[span * n_q]` (u32): for each (slot, query) the new position it reads its query from.
     pub q_index: Tensor,
-    /// `[span, 1, n_q, t]` (f32): 0 where a query may attend, -inf elsewhere.
-    pub mask: Tensor,
+    /// `[span, 1, n_q, 1]` (u32): the last cache position each query may attend to (the mask is
+    /// made on the device from it, layer by layer, instead of being uploaded whole).
+    pub limit: Tensor,
+}
+
+/// A row bringing several positions (a prompt): its keys and values are copied into its slot
+/// as one block per layer.
+pub struct BlockWrite {
+    pub slot: usize,
+    /// Cache position of the first new entry.
+    pub at: usize,
+    /// Its first new position in the step and how many.
+    pub first: usize,
+    pub n: usize,
 }
 
 /// Everything one cached step needs besides the layer weights, shared by every layer.
@@ -125,9 +137,12 @@ pub struct PoolStep {
     /// `[N, rd/2]` rotary cos/sin of each new position, in the model dtype.
     pub cos: Tensor,
     pub sin: Tensor,
-    /// `[heads * N, head_dim]` (u32) flat pool row `(slot * heads + h) * capacity + position`
-    /// receiving new position `n` of head `h`, in `(h, n)` order.
-    pub write_index: Tensor,
+    /// Rows bringing one position: `[heads * S, head_dim]` (u32) flat pool row
+    /// `(slot * heads + h) * capacity + position` receiving head `h` of single row `s`, in
+    /// `(h, s)` order, and `[S]` (u32) their positions in the step. `None` if there are none.
+    pub scatter: Option<(Tensor, Tensor)>,
+    /// Rows bringing several positions.
+    pub blocks: Vec<BlockWrite>,
     pub groups: Vec<Group>,
     /// `[N]` (u32): where new position `n`'s output sits in the groups' concatenated outputs.
     pub gather: Tensor,
@@ -151,7 +166,7 @@ impl PoolStep {
         let mut cos = Vec::with_capacity(n * half);
         let mut sin = Vec::with_capacity(n * half);
         let mut first = Vec::with_capacity(rows.len());
-        let mut write = vec![0u32; nh * n];
+        let (mut singles, mut blocks) = (Vec::new(), Vec::new());
         let mut g = 0;
         for (r, spec) in rows.iter().enumerate() {
             if lens[r] + spec.n_new > cap {
@@ -163,19 +178,40 @@ impl PoolStep {
             }
             first.push(g);
             for i in 0..spec.n_new {
-                let pos = spec.pos0 + i * spec.pos_stride;
-                rotary.cos_sin(pos, &mut cos, &mut sin);
-                for h in 0..nh {
-                    write[h * n + g] = ((slots[r] * nh + h) * cap + lens[r] + i) as u32;
-                }
-                g += 1;
+                rotary.cos_sin(spec.pos0 + i * spec.pos_stride, &mut cos, &mut sin);
             }
+            if spec.n_new == 1 {
+                singles.push(r);
+            } else if spec.n_new > 1 {
+                blocks.push(BlockWrite {
+                    slot: slots[r],
+                    at: lens[r],
+                    first: g,
+                    n: spec.n_new,
+                });
+            }
+            g += spec.n_new;
         }
         let cos = Tensor::from_vec(cos, (n, half), dev)?.to_dtype(dtype)?;
         let sin = Tensor::from_vec(sin, (n, half), dev)?.to_dtype(dtype)?;
-        let write_index = Tensor::from_vec(write, (nh * n, 1), dev)?
-            .broadcast_as((nh * n, pool.head_dim))?
-            .contiguous()?;
+        let scatter = if singles.is_empty() {
+            None
+        } else {
+            let ns = singles.len();
+            let mut write = vec![0u32; nh * ns];
+            for (j, &r) in singles.iter().enumerate() {
+                for h in 0..nh {
+                    write[h * ns + j] = ((slots[r] * nh + h) * cap + lens[r]) as u32;
+                }
+            }
+            let at: Vec<u32> = singles.iter().map(|&r| first[r] as u32).collect();
+            Some((
+                Tensor::from_vec(write, (nh * ns, 1), dev)?
+                    .broadcast_as((nh * ns, pool.head_dim))?
+                    .contiguous()?,
+                Tensor::from_vec(at, ns, dev)?,
+            ))
+        };
 
         // Group rows by their number of new positions; split groups too large to batch.
         let mut by_len: Vec<(usize, Vec<usize>)> = Vec::new();
@@ -211,22 +247,12 @@ impl PoolStep {
                 // Slots without a row of this part read the part's first row's queries and
                 // may attend to position 0 only (their output is ignored).
                 let mut q_index = vec![first[part[0]] as u32; span * n_q];
-                let mut mask = vec![f32::NEG_INFINITY; span * n_q * t];
-                for row in mask.chunks_mut(t) {
-                    row[0] = 0.0;
-                }
+                let mut limit = vec![0u32; span * n_q];
                 for &r in &part {
                     let s = slots[r] - lo;
                     for i in 0..n_q {
                         q_index[s * n_q + i] = (first[r] + i) as u32;
-                        let row = &mut mask[(s * n_q + i) * t..(s * n_q + i + 1) * t];
-                        for (j, m) in row.iter_mut().enumerate() {
-                            *m = if j <= lens[r] + i {
-                                0.0
-                            } else {
-                                f32::NEG_INFINITY
-                            };
-                        }
+                        limit[s * n_q + i] = (lens[r] + i) as u32;
                         gather[first[r] + i] = (out_rows + s * n_q + i) as u32;
                     }
                 }
@@ -237,14 +263,15 @@ impl PoolStep {
                     n_q,
                     t,
                     q_index: Tensor::from_vec(q_index, span * n_q, dev)?,
-                    mask: Tensor::from_vec(mask, (span, 1, n_q, t), dev)?,
+                    limit: Tensor::from_vec(limit, (span, 1, n_q, 1), dev)?,
                 });
             }
         }
         Ok(PoolStep {
             cos,
             sin,
-            write_index,
+            scatter,
+            blocks,
             groups,
             gather: Tensor::from_vec(gather, n, dev)?,
         })
@@ -254,7 +281,8 @@ impl PoolStep {
 /// One layer of cached attention on a pool.
 ///
 /// - `q`, `k`, `v`: `[heads, N, head_dim]`, contiguous, keys and queries already rotated;
-/// - keys and values are written into the rows' slots at `[len, len + n_new)`;
+/// - keys and values are written into the rows' slots at `[len, len + n_new)` (one scatter for
+///   the rows bringing one position, a block copy per row bringing a prompt);
 /// - returns the attention output `[N, heads * head_dim]`.
 pub fn pooled_attention(
     pool: &KvPool,
@@ -264,13 +292,24 @@ pub fn pooled_attention(
     k: &Tensor,
     v: &Tensor,
 ) -> candle_core::Result<Tensor> {
-    let (nh, n, hd) = q.dims3()?;
+    let (nh, _, hd) = q.dims3()?;
     let flat = (pool.slots * nh * pool.capacity, hd);
     let (kp, vp) = (&pool.k[layer], &pool.v[layer]);
-    kp.reshape(flat)?
-        .scatter_set(&step.write_index, &k.reshape((nh * n, hd))?, 0)?;
-    vp.reshape(flat)?
-        .scatter_set(&step.write_index, &v.reshape((nh * n, hd))?, 0)?;
+    // Single positions: one scatter per tensor for all of them.
+    if let Some((index, at)) = &step.scatter {
+        let ns = at.dim(0)?;
+        for (dst, src) in [(kp, k), (vp, v)] {
+            let rows = src.index_select(at, 1)?.reshape((nh * ns, hd))?; // [nh * S, hd]
+            dst.reshape(flat)?.scatter_set(index, &rows, 0)?;
+        }
+    }
+    // Prompts: one block copy per row (no index tensor the size of the prompt).
+    for b in &step.blocks {
+        for (dst, src) in [(kp, k), (vp, v)] {
+            let rows = src.narrow(1, b.first, b.n)?.contiguous()?.unsqueeze(0)?; // [1, nh, n, hd]
+            dst.narrow(0, b.slot, 1)?.slice_set(&rows, 2, b.at)?;
+        }
+    }
     let scale = 1.0 / (hd as f64).sqrt();
     let mut outs = Vec::with_capacity(step.groups.len());
     for g in &step.groups {
@@ -282,7 +321,10 @@ pub fn pooled_attention(
         let kg = kp.narrow(0, g.lo, g.span)?.narrow(2, 0, g.t)?; // [span, nh, t, hd] view
         let vg = vp.narrow(0, g.lo, g.span)?.narrow(2, 0, g.t)?;
         let scores = qg.matmul(&kg.t()?)?.to_dtype(DType::F32)?; // [span, nh, n_q, t]
-        let p = candle_nn::ops::softmax_last_dim(&(scores * scale)?.broadcast_add(&g.mask)?)?;
+        // 0 where key j <= the query's limit, -1e30 elsewhere.
+        let keys = Tensor::arange(0u32, g.t as u32, q.device())?.reshape((1, 1, 1, g.t))?;
+        let mask = ((keys.broadcast_le(&g.limit)?.to_dtype(DType::F32)? - 1.0)? * 1e30)?;
+        let p = candle_nn::ops::softmax_last_dim(&(scores * scale)?.broadcast_add(&mask)?)?;
         let o = p.to_dtype(q.dtype())?.matmul(&vg)?; // [span, nh, n_q, hd]
         outs.push(o.transpose(1, 2)?.reshape((g.span * g.n_q, nh * hd))?);
     }
