@@ -320,8 +320,8 @@ pub fn pooled_attention(
             .contiguous()?; // [span, nh, n_q, hd]
         let kg = kp.narrow(0, g.lo, g.span)?.narrow(2, 0, g.t)?; // [span, nh, t, hd] view
         let vg = vp.narrow(0, g.lo, g.span)?.narrow(2, 0, g.t)?;
-        let scores = qg.matmul(&kg.t()?)?.to_dtype(DType::F32)?; // [span, nh, n_q, t]
-        // 0 where key j <= the query's limit, -1e30 elsewhere.
+        // Scores [span, nh, n_q, t]; mask 0 where key j <= the query's limit, -1e30 elsewhere.
+        let scores = qg.matmul(&kg.t()?)?.to_dtype(DType::F32)?;
         let keys = Tensor::arange(0u32, g.t as u32, q.device())?.reshape((1, 1, 1, g.t))?;
         let mask = ((keys.broadcast_le(&g.limit)?.to_dtype(DType::F32)? - 1.0)? * 1e30)?;
         let p = candle_nn::ops::softmax_last_dim(&(scores * scale)?.broadcast_add(&mask)?)?;
