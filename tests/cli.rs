@@ -166,6 +166,12 @@ fn bad_flags_and_inputs_give_clear_errors() {
         (&["--ids", "1", "--temperature", "-1"], "temperature"),
         (&["--ids", "1", "--top-p", "0"], "top_p"),
         (&["--ids", "1", "--device", "cuda"], "without CUDA support"),
+        (&["--ids", "1", "--device", "cuda:x"], "expected cuda:N"),
+        (&["--ids", "1", "--device", "tpu"], "unknown device"),
+        (
+            &["--ids", "1", "--dtype", "f8"],
+            "--dtype f8: expected f32, bf16 or f16",
+        ),
         (&["--ids", "1", "--batch-size", "0"], "--batch-size"),
         (&[], "nothing to generate from"),
     ];
@@ -189,4 +195,51 @@ fn bad_flags_and_inputs_give_clear_errors() {
     assert!(!ok && err.contains("/nonexistent"), "{err}");
     let (ok, _, err) = bf(&["generate", "--preset", "block_main_b4_5", "--prompt", "hi"]);
     assert!(!ok && err.contains("needs a tokenizer"), "{err}");
+    // The device flags of the other commands.
+    for args in [
+        &[
+            "bench",
+            "--preset",
+            "block_main_b4_5",
+            "--device",
+            "cuda",
+            "--batch-size",
+            "1",
+        ][..],
+        &["eval", "--model", &m, "--data", &m, "--device", "cuda"][..],
+        &["info", "--model", &m, "--device", "cuda:1"][..],
+    ] {
+        let (ok, _, err) = bf(args);
+        assert!(
+            !ok && err.contains("without CUDA support"),
+            "{args:?}: {err}"
+        );
+    }
+    let (ok, _, err) = bf(&["bench", "--preset", "block_main_b4_5", "--dtype", "int4"]);
+    assert!(!ok && err.contains("--dtype int4"), "{err}");
+    let tok = format!("{m}/tokenizer.json");
+    let out = dir.path().join("train-out");
+    let out = out.to_str().unwrap();
+    for (flag, value, want) in [
+        ("--autocast", "fp8", "--autocast fp8: expected bf16 or off"),
+        ("--device", "cuda", "without CUDA support"),
+    ] {
+        let args = [
+            "train",
+            "--config",
+            "vanilla_31",
+            "--tokenizer",
+            &tok,
+            "--data",
+            &tok,
+            "--out",
+            out,
+            "--steps",
+            "1",
+            flag,
+            value,
+        ];
+        let (ok, _, err) = bf(&args);
+        assert!(!ok && err.contains(want), "{flag} {value}: {err}");
+    }
 }
