@@ -217,13 +217,14 @@ pub fn device_name(dev: &candle_core::Device) -> Option<String> {
     None
 }
 
-/// Bytes of the parameters a model holds.
+/// Bytes of the parameters a model holds (and of its quantized copies).
 pub fn weight_bytes(model: &Model) -> usize {
     model
         .params
         .iter()
         .map(|(_, t)| t.elem_count() * t.dtype().size_in_bytes())
-        .sum()
+        .sum::<usize>()
+        + model.quantized_bytes()
 }
 
 /// The memory model of a run of `model` at these lengths, with the weights it actually holds.
@@ -402,7 +403,8 @@ pub fn bench_model(
     let expected = base_rss + mm.weights + kv_max + activations;
     let peak = device_peak.unwrap_or(hwm);
     let elem = model.dtype().size_in_bytes() as f64;
-    let bound = machine.map(|m| Roofline::bound_with(&model.config, &w, m, elem));
+    let e_head = model.lm_head_bytes_per_weight();
+    let bound = machine.map(|m| Roofline::bound_typed(&model.config, &w, m, elem, e_head));
     let efficiency = bound
         .filter(|b| b.tokens_per_s > 0.0)
         .map(|b| med.tokens_per_s / b.tokens_per_s);

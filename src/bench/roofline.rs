@@ -105,6 +105,11 @@ pub fn cost(cfg: &ModelConfig, w: &Workload) -> Vec<Kernel> {
 
 /// [`cost`] with weights, caches and activations of `e` bytes per element (2 for bf16/f16).
 pub fn cost_with(cfg: &ModelConfig, w: &Workload, e: f64) -> Vec<Kernel> {
+    cost_typed(cfg, w, e, e)
+}
+
+/// [`cost_with`] with the LM head's weights at `e_head` bytes each (1.0625 for `q8_0`).
+pub fn cost_typed(cfg: &ModelConfig, w: &Workload, e: f64, e_head: f64) -> Vec<Kernel> {
     let mut out = Vec::new();
     let b = w.batch as f64;
     if w.batch == 0 || w.new_tokens == 0 || w.prompt_len == 0 {
@@ -127,7 +132,7 @@ pub fn cost_with(cfg: &ModelConfig, w: &Workload, e: f64) -> Vec<Kernel> {
                 part: Part::TokenDecoder,
                 kind: Kind::LmHead,
                 flops: 2.0 * rows * (v * h) as f64,
-                bytes: e * (v * h) as f64 + 2.0 * e * rows * v as f64,
+                bytes: e_head * (v * h) as f64 + 2.0 * e * rows * v as f64,
             };
             for s in 0..steps {
                 // Block decoder over the new blocks: all prompt blocks, then one block.
@@ -241,7 +246,7 @@ pub fn cost_with(cfg: &ModelConfig, w: &Workload, e: f64) -> Vec<Kernel> {
                     part: Part::LmHead,
                     kind: Kind::LmHead,
                     flops: 2.0 * b * (v * wd) as f64,
-                    bytes: e * (v * wd) as f64 + 2.0 * e * b * v as f64,
+                    bytes: e_head * (v * wd) as f64 + 2.0 * e * b * v as f64,
                 });
             }
         }
@@ -303,7 +308,18 @@ impl Roofline {
 
     /// [`Roofline::bound`] for elements of `e` bytes (weights and caches).
     pub fn bound_with(cfg: &ModelConfig, w: &Workload, m: &Machine, e: f64) -> Roofline {
-        let kernels = cost_with(cfg, w, e);
+        Self::bound_typed(cfg, w, m, e, e)
+    }
+
+    /// [`Roofline::bound_with`] with the LM head's weights at `e_head` bytes each.
+    pub fn bound_typed(
+        cfg: &ModelConfig,
+        w: &Workload,
+        m: &Machine,
+        e: f64,
+        e_head: f64,
+    ) -> Roofline {
+        let kernels = cost_typed(cfg, w, e, e_head);
         let mut r = Roofline::default();
         let mut i = 0;
         while i < kernels.len() {

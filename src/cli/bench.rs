@@ -96,6 +96,9 @@ pub struct Args {
     /// Weight and KV-cache dtype: f32, bf16 or f16 (default f32 on the CPU, bf16 on a GPU).
     #[arg(long)]
     pub dtype: Option<String>,
+    /// `q8_0`: the LM head as int8 blocks (the roofline then counts 8.5 bits per head weight).
+    #[arg(long)]
+    pub quantize: Option<String>,
     /// Print only the report (no progress lines on stderr).
     #[arg(long, short)]
     pub quiet: bool,
@@ -139,7 +142,13 @@ impl Source {
         }
     }
 
-    fn load(&self, weights_seed: u64, dev: &Device, dtype: DType) -> anyhow::Result<Model> {
+    fn load(
+        &self,
+        weights_seed: u64,
+        dev: &Device,
+        dtype: DType,
+        quantize: Option<&str>,
+    ) -> anyhow::Result<Model> {
         let m = match self {
             Source::Preset(p) => {
                 let cfg = config::preset(p)?;
@@ -149,7 +158,9 @@ impl Source {
                 checkpoint::load(path, preset.as_deref(), None, &Device::Cpu)?.model
             }
         };
-        Ok(m.to(dev, dtype)?)
+        let mut m = m.to(dev, dtype)?;
+        super::common::quantize(&mut m, quantize)?;
+        Ok(m)
     }
 }
 
@@ -344,7 +355,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         bench::trim_heap();
         let (base_rss, _) = bench::rss();
         let model = Arc::new(
-            src.load(a.weights_seed, &dev, dtype)
+            src.load(a.weights_seed, &dev, dtype, a.quantize.as_deref())
                 .with_context(|| format!("loading {name}"))?,
         );
         let (loaded_rss, _) = bench::rss();
@@ -378,11 +389,12 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                         model: name.clone(),
                         setting: s.name(),
                         workload: w,
-                        bound: Roofline::bound_with(
+                        bound: Roofline::bound_typed(
                             &model.config,
                             &w,
                             m,
                             model.dtype().size_in_bytes() as f64,
+                            model.lm_head_bytes_per_weight(),
                         ),
                         memory: mm.total(b) + base_rss,
                         kv_per_sample: mm.kv_per_sample,

@@ -34,6 +34,18 @@ pub struct ModelArgs {
     /// Weight (and GPU KV-cache) dtype: f32, bf16 or f16. Default: f32 on the CPU, bf16 on CUDA.
     #[arg(long)]
     pub dtype: Option<String>,
+    /// Inference quantization: `q8_0` keeps the LM head as int8 blocks of 32 with a scale.
+    #[arg(long)]
+    pub quantize: Option<String>,
+}
+
+/// Applies `--quantize` (only `q8_0`, to the LM head).
+pub fn quantize(model: &mut Model, q: Option<&str>) -> anyhow::Result<()> {
+    match q {
+        None => Ok(()),
+        Some("q8_0") => Ok(model.quantize_lm_head()?),
+        Some(o) => bail!("--quantize {o}: expected q8_0"),
+    }
 }
 
 pub struct LoadedModel {
@@ -129,13 +141,14 @@ impl ModelArgs {
                 bail!("no model: give --model DIR, --preset NAME or --config FILE")
             }
         };
-        let model = if model.dtype() == dt {
+        let mut model = if model.dtype() == dt {
             model
         } else {
             model
                 .to(&dev, dt)
                 .with_context(|| format!("converting the weights to {dt:?}"))?
         };
+        quantize(&mut model, self.quantize.as_deref())?;
         let tok_path = self.tokenizer.clone().or(tok_path);
         let tokenizer = match tok_path {
             Some(p) => {

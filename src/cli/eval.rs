@@ -41,6 +41,9 @@ pub struct Args {
     /// Weight dtype: f32 (default), bf16 or f16.
     #[arg(long)]
     pub dtype: Option<String>,
+    /// `q8_0`: the LM head as int8 blocks (measures quantization's loss cost).
+    #[arg(long)]
+    pub quantize: Option<String>,
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
@@ -52,7 +55,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     for p in &a.model {
         let l = checkpoint::load(p, None, None, &dev)
             .with_context(|| format!("loading {}", p.display()))?;
-        let m = l.model.to(&dev, dtype)?;
+        let mut m = l.model.to(&dev, dtype)?;
+        super::common::quantize(&mut m, a.quantize.as_deref())?;
         models.push((p.clone(), m, l.tokenizer_path));
     }
     let tok_path = a

@@ -48,6 +48,8 @@ pub struct Linear {
     /// `[in, out]`.
     pub weight_t: Tensor,
     pub bias: Option<Tensor>,
+    /// Inference with int8 weights (`q8_0`: blocks of 32 with one scale), when quantized.
+    pub quantized: Option<candle_core::quantized::QMatMul>,
 }
 
 impl Linear {
@@ -69,7 +71,30 @@ impl Linear {
         } else {
             None
         };
-        Ok(Linear { weight_t, bias })
+        Ok(Linear {
+            weight_t,
+            bias,
+            quantized: None,
+        })
+    }
+
+    /// Keeps a `q8_0` copy of the weight (blocks of 32 int8 values with one scale, 8.5 bits per
+    /// weight) and computes inference products with it; training (variables) is unaffected.
+    pub fn quantize_q8_0(&mut self) -> Result<()> {
+        use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+        let in_dim = self.weight_t.dim(0)?;
+        if in_dim % 32 != 0 {
+            return Err(crate::Error::input(
+                "--quantize",
+                format!("q8_0 needs the layer's input width ({in_dim}) to be a multiple of 32"),
+            ));
+        }
+        let w = self.weight_t.t()?.contiguous()?; // [out, in]
+        self.quantized = Some(QMatMul::from_qtensor(QTensor::quantize(
+            &w,
+            GgmlDType::Q8_0,
+        )?)?);
+        Ok(())
     }
 
     /// `x W^T` without the bias, `x [.., in] -> [.., out]` (bf16 products under autocast).
@@ -102,6 +127,18 @@ impl Linear {
         let in_dim = *dims.last().expect("rank >= 1");
         let out_dim = self.weight_t.dim(1)?;
         let rows = x.elem_count() / in_dim;
+        if let Some(q) = &self.quantized {
+            if !x.track_op() {
+                let y = candle_core::Module::forward(q, &x.reshape((rows, in_dim))?)?;
+                let y = match &self.bias {
+                    Some(b) => y.broadcast_add(b)?,
+                    None => y,
+                };
+                let mut out_dims = dims;
+                *out_dims.last_mut().expect("rank >= 1") = out_dim;
+                return Ok(y.reshape(out_dims)?);
+            }
+        }
         let y = match self.skinny(x, rows, in_dim, out_dim)? {
             Some(y) => y,
             None => {
