@@ -19,6 +19,7 @@ use crate::config::{BlockConfig, ModelConfig, Projection};
 use crate::data::{make_batch, Batch, PackedDataset, Sampler};
 use crate::error::{Error, Result};
 use crate::model::block_transformer::ForwardOptions;
+pub use crate::model::MapSource;
 use crate::model::{Arch, Init, Model, RandomInit, WeightSource};
 use candle_core::{Device, Tensor, Var};
 use rayon::prelude::*;
@@ -75,61 +76,36 @@ impl<'a> VarSource<'a> {
     }
 }
 
-impl WeightSource for VarSource<'_> {
-    fn tensor(&mut self, name: &str, shape: &[usize], init: Init) -> Result<Tensor> {
-        let t = self.inner.tensor(name, shape, init)?;
+impl VarSource<'_> {
+    /// `t` as a variable on the source's device, recorded under `name`.
+    fn variable(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+        t: &Tensor,
+        transposed: bool,
+    ) -> Result<Tensor> {
         let var = Var::from_tensor(&t.to_device(&self.device)?.contiguous()?)?;
         let out = var.as_tensor().clone();
         self.vars.push(ParamVar {
             name: name.to_string(),
             var,
             shape: shape.to_vec(),
-            transposed: false,
+            transposed,
         });
         Ok(out)
+    }
+}
+
+impl WeightSource for VarSource<'_> {
+    fn tensor(&mut self, name: &str, shape: &[usize], init: Init) -> Result<Tensor> {
+        let t = self.inner.tensor(name, shape, init)?;
+        self.variable(name, shape, &t, false)
     }
 
     fn tensor_t(&mut self, name: &str, shape: &[usize], init: Init) -> Result<Tensor> {
         let t = self.inner.tensor_t(name, shape, init)?;
-        let var = Var::from_tensor(&t.to_device(&self.device)?.contiguous()?)?;
-        let out = var.as_tensor().clone();
-        self.vars.push(ParamVar {
-            name: name.to_string(),
-            var,
-            shape: shape.to_vec(),
-            transposed: true,
-        });
-        Ok(out)
-    }
-}
-
-/// Serves tensors (official layout) from a map; names not in the map come from `fallback`
-/// (or are an error when there is none).
-pub struct MapSource {
-    pub map: HashMap<String, Tensor>,
-    pub fallback: Option<RandomInit>,
-    pub origin: String,
-}
-
-impl WeightSource for MapSource {
-    fn tensor(&mut self, name: &str, shape: &[usize], init: Init) -> Result<Tensor> {
-        match self.map.get(name) {
-            Some(t) if t.dims() == shape => Ok(t.clone()),
-            Some(t) => Err(Error::checkpoint(
-                &self.origin,
-                format!(
-                    "tensor `{name}` has shape {:?}, expected {shape:?}",
-                    t.dims()
-                ),
-            )),
-            None => match &mut self.fallback {
-                Some(f) => f.tensor(name, shape, init),
-                None => Err(Error::checkpoint(
-                    &self.origin,
-                    format!("missing tensor `{name}` (shape {shape:?})"),
-                )),
-            },
-        }
+        self.variable(name, shape, &t, true)
     }
 }
 
@@ -715,25 +691,37 @@ impl candle_core::CustomOp1 for SoftmaxCe {
     fn bwd(
         &self,
         arg: &Tensor,
-        _res: &Tensor,
+        res: &Tensor,
         grad_res: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
         let (c, v) = arg.dims2()?;
-        let x: Vec<f32> = arg.flatten_all()?.to_vec1()?;
-        let g: Vec<f32> = grad_res.flatten_all()?.to_vec1()?;
-        let mut out = vec![0f32; c * v];
-        out.par_chunks_mut(v)
-            .zip(x.par_chunks(v))
-            .zip(self.targets.par_iter().zip(g.par_iter()))
-            .for_each(|((o, row), (&t, &gi))| {
-                let lse = row_lse(row);
-                for (oj, &xj) in o.iter_mut().zip(row) {
-                    *oj = gi * (xj - lse).exp();
-                }
-                o[t as usize] -= gi;
-            });
-        Ok(Some(Tensor::from_vec(out, (c, v), arg.device())?))
+        let mut x: Vec<f32> = arg.flatten_all()?.to_vec1()?;
+        ce_grad_in_place(&mut x, v, &self.targets, res, grad_res)?;
+        Ok(Some(Tensor::from_vec(x, (c, v), arg.device())?))
     }
+}
+
+/// Turns rows of logits (`[C, V]`) into the cross-entropy gradient `g (softmax - onehot)` in
+/// place; each row's log-sum-exp comes from the forward's loss (`loss = lse - x[target]`).
+fn ce_grad_in_place(
+    z: &mut [f32],
+    v: usize,
+    targets: &[u32],
+    loss: &Tensor,
+    grad: &Tensor,
+) -> candle_core::Result<()> {
+    let loss: Vec<f32> = loss.flatten_all()?.to_vec1()?;
+    let g: Vec<f32> = grad.flatten_all()?.to_vec1()?;
+    z.par_chunks_mut(v)
+        .zip(targets.par_iter().zip(loss.par_iter().zip(g.par_iter())))
+        .for_each(|(row, (&t, (&l, &gi)))| {
+            let lse = l + row[t as usize];
+            for x in row.iter_mut() {
+                *x = gi * (*x - lse).exp();
+            }
+            row[t as usize] -= gi;
+        });
+    Ok(())
 }
 
 /// LM head and softmax cross-entropy as one differentiable op (CPU, float32): `h [C, H]`,
@@ -808,26 +796,16 @@ impl candle_core::CustomOp2 for LmHeadCe {
         &self,
         h: &Tensor,
         w: &Tensor,
-        _res: &Tensor,
+        res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let (c, hd) = h.dims2()?;
         let (_, v) = w.dims2()?;
         let hv: Vec<f32> = h.flatten_all()?.to_vec1()?;
         let wv: Vec<f32> = w.flatten_all()?.to_vec1()?;
-        let g: Vec<f32> = grad.flatten_all()?.to_vec1()?;
         let kept = self.logits.lock().ok().and_then(|mut s| s.take());
         let mut z = kept.unwrap_or_else(|| self.logits(&hv, &wv, c, hd, v));
-        // dlogits = g (softmax - onehot), in place.
-        z.par_chunks_mut(v)
-            .zip(self.targets.par_iter().zip(g.par_iter()))
-            .for_each(|(row, (&t, &gi))| {
-                let lse = row_lse(row);
-                for x in row.iter_mut() {
-                    *x = gi * (*x - lse).exp();
-                }
-                row[t as usize] -= gi;
-            });
+        ce_grad_in_place(&mut z, v, &self.targets, res, grad)?; // dlogits
         let mut dh = vec![0f32; c * hd];
         let mut dw = vec![0f32; hd * v];
         // dh [C, H] = dlogits [C, V] . W^T [V, H];  dW^T [H, V] = h^T [H, C] . dlogits [C, V].

@@ -89,16 +89,11 @@ pub struct Args {
     /// Print the roofline bound and the memory model only; run nothing.
     #[arg(long, conflicts_with = "no_roofline")]
     pub dry_run: bool,
-    /// Device: cpu, or cuda[:N] (a CUDA build). On a GPU the roofline uses --peak-gflops and
-    /// --bandwidth-gbs, or the data-sheet numbers of a known GPU (H100, H200).
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
-    /// Weight and KV-cache dtype: f32, bf16 or f16 (default f32 on the CPU, bf16 on a GPU).
-    #[arg(long)]
-    pub dtype: Option<String>,
-    /// `q8_0`: the LM head as int8 blocks (the roofline then counts 8.5 bits per head weight).
-    #[arg(long)]
-    pub quantize: Option<String>,
+    /// Device, dtype, quantization. On a GPU the roofline uses --peak-gflops and
+    /// --bandwidth-gbs, or the data-sheet numbers of a known GPU (H100, H200); with q8_0 it
+    /// counts 8.5 bits per LM-head weight.
+    #[command(flatten)]
+    pub run: super::common::RunArgs,
     /// Print only the report (no progress lines on stderr).
     #[arg(long, short)]
     pub quiet: bool,
@@ -145,9 +140,9 @@ impl Source {
     fn load(
         &self,
         weights_seed: u64,
+        run: &super::common::RunArgs,
         dev: &Device,
         dtype: DType,
-        quantize: Option<&str>,
     ) -> anyhow::Result<Model> {
         let m = match self {
             Source::Preset(p) => {
@@ -158,9 +153,7 @@ impl Source {
                 checkpoint::load(path, preset.as_deref(), None, &Device::Cpu)?.model
             }
         };
-        let mut m = m.to(dev, dtype)?;
-        super::common::quantize(&mut m, quantize)?;
-        Ok(m)
+        run.prepare(m, dev, dtype)
     }
 }
 
@@ -232,8 +225,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     if a.max_batch == 0 {
         bail!("--max-batch must be at least 1");
     }
-    let dev = super::common::device(&a.device)?;
-    let dtype = super::common::dtype(a.dtype.as_deref(), &dev)?;
+    let (dev, dtype) = a.run.device_dtype(DType::BF16)?;
     // GPU: the budget is a share of the device's free memory (default 90%), else of the host's
     // available memory (default 60%).
     let gpu_free = bench::device_memory(&dev).map(|(free, _)| free);
@@ -355,7 +347,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         bench::trim_heap();
         let (base_rss, _) = bench::rss();
         let model = Arc::new(
-            src.load(a.weights_seed, &dev, dtype, a.quantize.as_deref())
+            src.load(a.weights_seed, &a.run, &dev, dtype)
                 .with_context(|| format!("loading {name}"))?,
         );
         let (loaded_rss, _) = bench::rss();

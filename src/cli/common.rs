@@ -28,10 +28,18 @@ pub struct ModelArgs {
     /// Seed of the random weights when no checkpoint is given.
     #[arg(long, default_value_t = 0)]
     pub weights_seed: u64,
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+/// Where and how a model runs: shared by every command that runs one for inference.
+#[derive(clap::Args, Debug, Clone)]
+pub struct RunArgs {
     /// Device: cpu, or cuda[:N] (a build with the `cuda` feature and an NVIDIA GPU).
     #[arg(long, default_value = "cpu")]
     pub device: String,
-    /// Weight (and GPU KV-cache) dtype: f32, bf16 or f16. Default: f32 on the CPU, bf16 on CUDA.
+    /// Weight (and GPU KV-cache) dtype: f32, bf16 or f16. Default: f32 on the CPU; on a GPU
+    /// bf16 (eval: f32).
     #[arg(long)]
     pub dtype: Option<String>,
     /// Inference quantization: `q8_0` keeps the LM head as int8 blocks of 32 with a scale.
@@ -39,12 +47,28 @@ pub struct ModelArgs {
     pub quantize: Option<String>,
 }
 
-/// Applies `--quantize` (only `q8_0`, to the LM head).
-pub fn quantize(model: &mut Model, q: Option<&str>) -> anyhow::Result<()> {
-    match q {
-        None => Ok(()),
-        Some("q8_0") => Ok(model.quantize_lm_head()?),
-        Some(o) => bail!("--quantize {o}: expected q8_0"),
+impl RunArgs {
+    /// The device and dtype asked for; `gpu_dtype` when no dtype is given on a GPU.
+    pub fn device_dtype(&self, gpu_dtype: DType) -> anyhow::Result<(Device, DType)> {
+        let dev = device(&self.device)?;
+        let dt = match self.dtype.as_deref() {
+            None if !dev.is_cpu() => gpu_dtype,
+            d => dtype(d, &dev)?,
+        };
+        Ok((dev, dt))
+    }
+
+    /// `model` on `dev` in `dt`, quantized as asked.
+    pub fn prepare(&self, model: Model, dev: &Device, dt: DType) -> anyhow::Result<Model> {
+        let mut model = model
+            .to(dev, dt)
+            .with_context(|| format!("converting the weights to {dt:?}"))?;
+        match self.quantize.as_deref() {
+            None => {}
+            Some("q8_0") => model.quantize_lm_head()?,
+            Some(o) => bail!("--quantize {o}: expected q8_0"),
+        }
+        Ok(model)
     }
 }
 
@@ -94,8 +118,7 @@ pub fn dtype(name: Option<&str>, dev: &Device) -> anyhow::Result<DType> {
 
 impl ModelArgs {
     pub fn load(&self) -> anyhow::Result<LoadedModel> {
-        let dev = device(&self.device)?;
-        let dt = dtype(self.dtype.as_deref(), &dev)?;
+        let (dev, dt) = self.run.device_dtype(DType::BF16)?;
         let (model, description, tok_path) = match (&self.model, &self.preset, &self.config) {
             (Some(path), preset, cfg) => {
                 let l = checkpoint::load(path, preset.as_deref(), cfg.as_deref(), &dev)?;
@@ -141,14 +164,7 @@ impl ModelArgs {
                 bail!("no model: give --model DIR, --preset NAME or --config FILE")
             }
         };
-        let mut model = if model.dtype() == dt {
-            model
-        } else {
-            model
-                .to(&dev, dt)
-                .with_context(|| format!("converting the weights to {dt:?}"))?
-        };
-        quantize(&mut model, self.quantize.as_deref())?;
+        let model = self.run.prepare(model, &dev, dt)?;
         let tok_path = self.tokenizer.clone().or(tok_path);
         let tokenizer = match tok_path {
             Some(p) => {

@@ -7,6 +7,7 @@ use blockformer::data::{read_documents, DocMode};
 use blockformer::eval::{common_window, evaluate, windows, EvalReport};
 use blockformer::model::{Arch, Model};
 use blockformer::tokenizer::Tokenizer;
+use candle_core::DType;
 use std::path::PathBuf;
 
 #[derive(clap::Args, Debug)]
@@ -35,28 +36,19 @@ pub struct Args {
     /// Write the reports as JSON to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,
-    /// Device: cpu, or cuda[:N] (a CUDA build).
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
-    /// Weight dtype: f32 (default), bf16 or f16.
-    #[arg(long)]
-    pub dtype: Option<String>,
-    /// `q8_0`: the LM head as int8 blocks (measures quantization's loss cost).
-    #[arg(long)]
-    pub quantize: Option<String>,
+    #[command(flatten)]
+    pub run: super::common::RunArgs,
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
     let mode: DocMode = a.doc_mode.parse()?;
-    let dev = super::common::device(&a.device)?;
     // Evaluation defaults to float32 on every device (exact losses).
-    let dtype = super::common::dtype(Some(a.dtype.as_deref().unwrap_or("f32")), &dev)?;
+    let (dev, dtype) = a.run.device_dtype(DType::F32)?;
     let mut models: Vec<(PathBuf, Model, Option<PathBuf>)> = Vec::new();
     for p in &a.model {
         let l = checkpoint::load(p, None, None, &dev)
             .with_context(|| format!("loading {}", p.display()))?;
-        let mut m = l.model.to(&dev, dtype)?;
-        super::common::quantize(&mut m, a.quantize.as_deref())?;
+        let m = a.run.prepare(l.model, &dev, dtype)?;
         models.push((p.clone(), m, l.tokenizer_path));
     }
     let tok_path = a

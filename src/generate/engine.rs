@@ -752,24 +752,39 @@ impl Engine {
             return Ok(());
         }
         let t = Instant::now();
-        let v = logits.dim(1)?;
-        if !logits.device().is_cpu() && self.greedy_only(rows) {
+        let chosen = if !logits.device().is_cpu() && self.greedy_only(rows) {
             // One argmax on the device and a copy of one id per row.
             let ids: Vec<u32> = logits.argmax(candle_core::D::Minus1)?.to_vec1()?;
-            for (&r, tok) in rows.iter().zip(ids) {
-                out[r].push(tok);
-                if self.running[r].eos == Some(tok) {
-                    hit_eos[r] = true;
-                }
+            rows.iter()
+                .zip(ids)
+                .map(|(&r, tok)| (r, tok, None))
+                .collect()
+        } else {
+            self.sample_on_host(logits, rows)?
+        };
+        for (r, tok, lp) in chosen {
+            lps[r].extend(lp);
+            out[r].push(tok);
+            if self.running[r].eos == Some(tok) {
+                hit_eos[r] = true;
             }
-            self.stats.sampling_s += t.elapsed().as_secs_f64();
-            return Ok(());
         }
+        self.stats.sampling_s += t.elapsed().as_secs_f64();
+        Ok(())
+    }
+
+    /// Copies the logits to the host once and samples every row there (in parallel, each
+    /// with its own sampler): `(row, token, logprobs)` in row order.
+    fn sample_on_host(
+        &mut self,
+        logits: &Tensor,
+        rows: &[usize],
+    ) -> Result<Vec<(usize, u32, Option<TokenLogprob>)>> {
+        let v = logits.dim(1)?;
         let host: Vec<f32> = logits
             .to_dtype(candle_core::DType::F32)?
             .flatten_all()?
             .to_vec1()?;
-        // Rows are independent (each has its own sampler): pick in parallel, in row order.
         let mut picked: Vec<(usize, &mut Seq)> = Vec::with_capacity(rows.len());
         let mut want = rows.iter().peekable();
         for (r, s) in self.running.iter_mut().enumerate() {
@@ -779,7 +794,7 @@ impl Engine {
             }
         }
         debug_assert_eq!(picked.len(), rows.len(), "rows must be ascending");
-        let chosen: Vec<(usize, u32, Option<TokenLogprob>)> = picked
+        Ok(picked
             .into_par_iter()
             .enumerate()
             .map(|(i, (r, s))| {
@@ -795,15 +810,6 @@ impl Engine {
                 });
                 (r, tok, lp)
             })
-            .collect();
-        for (r, tok, lp) in chosen {
-            lps[r].extend(lp);
-            out[r].push(tok);
-            if self.running[r].eos == Some(tok) {
-                hit_eos[r] = true;
-            }
-        }
-        self.stats.sampling_s += t.elapsed().as_secs_f64();
-        Ok(())
+            .collect())
     }
 }

@@ -225,25 +225,26 @@ impl PoolStep {
         let mut gather = vec![0u32; n];
         let mut out_rows = 0usize;
         for (n_q, mut members) in by_len {
-            // Consecutive slots while the group's scores fit the budget.
+            // Runs of consecutive slots (sorted) while the run's scores fit the budget; each
+            // run with the keys it attends to, `t`.
             members.sort_by_key(|&r| slots[r]);
-            let mut parts: Vec<Vec<usize>> = Vec::new();
+            let mut parts: Vec<(Vec<usize>, usize)> = Vec::new();
             for r in members {
-                let fits = parts.last().is_some_and(|p| {
-                    let lo = slots[p[0]];
-                    let t = p.iter().map(|&x| lens[x]).max().unwrap_or(0).max(lens[r]) + n_q;
-                    (slots[r] - lo + 1) * nh * n_q * t <= GROUP_SCORE_BUDGET
-                });
+                let keys = lens[r] + n_q;
                 match parts.last_mut() {
-                    Some(p) if fits => p.push(r),
-                    _ => parts.push(vec![r]),
+                    Some((p, t))
+                        if (slots[r] - slots[p[0]] + 1) * nh * n_q * keys.max(*t)
+                            <= GROUP_SCORE_BUDGET =>
+                    {
+                        p.push(r);
+                        *t = keys.max(*t);
+                    }
+                    _ => parts.push((vec![r], keys)),
                 }
             }
-            for part in parts {
-                let lo = part.iter().map(|&r| slots[r]).min().unwrap_or(0);
-                let hi = part.iter().map(|&r| slots[r]).max().unwrap_or(0);
-                let span = hi - lo + 1;
-                let t = part.iter().map(|&r| lens[r] + n_q).max().unwrap_or(1);
+            for (part, t) in parts {
+                let lo = slots[part[0]];
+                let span = slots[part[part.len() - 1]] - lo + 1;
                 // Slots without a row of this part read the part's first row's queries and
                 // may attend to position 0 only (their output is ignored).
                 let mut q_index = vec![first[part[0]] as u32; span * n_q];

@@ -89,17 +89,21 @@ pub fn layer_norm(x: &[f32], weight: &[f32], bias: &[f32], eps: f32, out: &mut [
     }
 }
 
-/// GELU in place: exact (`erf`) for `gelu`, the tanh approximation otherwise.
+const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+
+/// GELU of one value: exact (`erf`) for `gelu`, the tanh approximation otherwise.
+#[inline]
+pub fn gelu_one(x: f32, exact: bool) -> f32 {
+    if exact {
+        0.5 * x * (1.0 + libm::erff(x * std::f32::consts::FRAC_1_SQRT_2))
+    } else {
+        0.5 * x * (1.0 + (SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)).tanh())
+    }
+}
+
+/// GELU in place ([`gelu_one`]).
 pub fn gelu(x: &mut [f32], exact: bool) {
-    let f = |v: &mut f32| {
-        let x = *v;
-        *v = if exact {
-            0.5 * x * (1.0 + libm::erff(x * std::f32::consts::FRAC_1_SQRT_2))
-        } else {
-            0.5 * x
-                * (1.0 + ((2.0 / std::f32::consts::PI).sqrt() * (x + 0.044715 * x * x * x)).tanh())
-        };
-    };
+    let f = |v: &mut f32| *v = gelu_one(*v, exact);
     if x.len() >= 1 << 14 {
         x.par_chunks_mut(4096)
             .for_each(|c| c.iter_mut().for_each(f));
@@ -448,33 +452,18 @@ pub struct BiasGeluOp {
     pub exact: bool,
 }
 
-const SQRT_2_OVER_PI: f32 = 0.797_884_6;
-
 impl BiasGeluOp {
+    /// `gelu'(z)`.
     #[inline]
-    fn value(&self, z: f32) -> f32 {
-        if self.exact {
-            0.5 * z * (1.0 + libm::erff(z * std::f32::consts::FRAC_1_SQRT_2))
-        } else {
-            0.5 * z * (1.0 + (SQRT_2_OVER_PI * (z + 0.044715 * z * z * z)).tanh())
-        }
-    }
-
-    /// `(gelu(z), gelu'(z))`.
-    #[inline]
-    fn value_and_slope(&self, z: f32) -> (f32, f32) {
+    fn slope(&self, z: f32) -> f32 {
         if self.exact {
             let cdf = 0.5 * (1.0 + libm::erff(z * std::f32::consts::FRAC_1_SQRT_2));
             let pdf = (-0.5 * z * z).exp() * (0.5 * SQRT_2_OVER_PI);
-            (z * cdf, cdf + z * pdf)
+            cdf + z * pdf
         } else {
-            let u = SQRT_2_OVER_PI * (z + 0.044715 * z * z * z);
-            let t = u.tanh();
+            let t = (SQRT_2_OVER_PI * (z + 0.044715 * z * z * z)).tanh();
             let du = SQRT_2_OVER_PI * (1.0 + 3.0 * 0.044715 * z * z);
-            (
-                0.5 * z * (1.0 + t),
-                0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * du,
-            )
+            0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * du
         }
     }
 }
@@ -499,7 +488,7 @@ impl candle_core::CustomOp2 for BiasGeluOp {
             .for_each(|(o, xs)| {
                 for (orow, xrow) in o.chunks_exact_mut(f).zip(xs.chunks_exact(f)) {
                     for ((oj, &xj), &bj) in orow.iter_mut().zip(xrow).zip(b) {
-                        *oj = self.value(xj + bj);
+                        *oj = gelu_one(xj + bj, self.exact);
                     }
                 }
             });
@@ -528,7 +517,7 @@ impl candle_core::CustomOp2 for BiasGeluOp {
                     .zip(gs.chunks_exact(f))
                 {
                     for j in 0..f {
-                        let v = grow[j] * self.value_and_slope(xrow[j] + bv[j]).1;
+                        let v = grow[j] * self.slope(xrow[j] + bv[j]);
                         drow[j] = v;
                         db[j] += v;
                     }

@@ -127,27 +127,15 @@ impl Linear {
         let in_dim = *dims.last().expect("rank >= 1");
         let out_dim = self.weight_t.dim(1)?;
         let rows = x.elem_count() / in_dim;
-        if let Some(q) = &self.quantized {
-            if !x.track_op() {
-                let y = candle_core::Module::forward(q, &x.reshape((rows, in_dim))?)?;
-                let y = match &self.bias {
-                    Some(b) => y.broadcast_add(b)?,
-                    None => y,
-                };
-                let mut out_dims = dims;
-                *out_dims.last_mut().expect("rank >= 1") = out_dim;
-                return Ok(y.reshape(out_dims)?);
-            }
-        }
-        let y = match self.skinny(x, rows, in_dim, out_dim)? {
-            Some(y) => y,
-            None => {
-                let y = self.product(x)?;
-                match &self.bias {
-                    Some(b) => y.broadcast_add(b)?,
-                    None => y,
-                }
-            }
+        let y = match &self.quantized {
+            Some(q) if !x.track_op() => self.add_bias(candle_core::Module::forward(
+                q,
+                &x.reshape((rows, in_dim))?,
+            )?)?,
+            _ => match self.skinny(x, rows, in_dim, out_dim)? {
+                Some(y) => y,
+                None => self.add_bias(self.product(x)?)?,
+            },
         };
         if y.rank() == dims.len() {
             return Ok(y);
@@ -155,6 +143,13 @@ impl Linear {
         let mut out_dims = dims;
         *out_dims.last_mut().expect("rank >= 1") = out_dim;
         Ok(y.reshape(out_dims)?)
+    }
+
+    fn add_bias(&self, y: Tensor) -> Result<Tensor> {
+        Ok(match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        })
     }
 
     fn skinny(&self, x: &Tensor, rows: usize, k: usize, n: usize) -> Result<Option<Tensor>> {
@@ -405,14 +400,26 @@ impl NeoX {
         } else {
             self.attention_composed(&qkv, (b, t), bias, cos, sin)?
         };
-        let attn = layer.dense.forward(&o)?;
+        self.residual_and_mlp(layer, x, &o, LayerNorm::forward)
+    }
+
+    /// The rest of a layer after attention `o`: `x + dense(o) + MLP(LN_post(x))` (parallel
+    /// residual) or `y = x + dense(o); y + MLP(LN_post(y))`, with `ln` the LayerNorm to use.
+    fn residual_and_mlp(
+        &self,
+        layer: &Layer,
+        x: &Tensor,
+        o: &Tensor,
+        ln: fn(&LayerNorm, &Tensor) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        let attn = layer.dense.forward(o)?;
         let act = self.cfg.hidden_act.as_str();
         if self.cfg.use_parallel_residual {
-            let mlp = layer.mlp(&layer.post_attention_layernorm.forward(x)?, act)?;
+            let mlp = layer.mlp(&ln(&layer.post_attention_layernorm, x)?, act)?;
             Ok(((x + attn)? + mlp)?)
         } else {
             let y = (x + attn)?;
-            let mlp = layer.mlp(&layer.post_attention_layernorm.forward(&y)?, act)?;
+            let mlp = layer.mlp(&ln(&layer.post_attention_layernorm, &y)?, act)?;
             Ok((y + mlp)?)
         }
     }
@@ -615,16 +622,7 @@ impl NeoX {
         let k = self.rotate(&qkv.narrow(2, hd, hd)?, step)?;
         let v = qkv.narrow(2, 2 * hd, hd)?.contiguous()?;
         let o = kv_pool::pooled_attention(pool, li, step, &q, &k, &v)?; // [N, W]
-        let attn = layer.dense.forward(&o)?;
-        let act = self.cfg.hidden_act.as_str();
-        if self.cfg.use_parallel_residual {
-            let mlp = layer.mlp(&layer.post_attention_layernorm.forward_fused(x)?, act)?;
-            Ok(((x + attn)? + mlp)?)
-        } else {
-            let y = (x + attn)?;
-            let mlp = layer.mlp(&layer.post_attention_layernorm.forward_fused(&y)?, act)?;
-            Ok((y + mlp)?)
-        }
+        self.residual_and_mlp(layer, x, &o, LayerNorm::forward_fused)
     }
 
     /// Rotary on the first `rd` dims of `z [nh, N, hd]` at the step's positions.

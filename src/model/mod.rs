@@ -123,26 +123,33 @@ impl WeightSource for Recorder<'_> {
     }
 }
 
-/// Parameters of a built model, moved to a device and dtype.
-struct FromParams {
-    params: std::collections::HashMap<String, Tensor>,
-    device: Device,
-    dtype: DType,
+/// Serves tensors (official layout) from a map; names not in the map come from `fallback`
+/// (or are an error when there is none).
+pub struct MapSource {
+    pub map: std::collections::HashMap<String, Tensor>,
+    pub fallback: Option<RandomInit>,
+    pub origin: String,
 }
 
-impl WeightSource for FromParams {
-    fn tensor(&mut self, name: &str, shape: &[usize], _init: Init) -> Result<Tensor> {
-        let t = self
-            .params
-            .get(name)
-            .ok_or_else(|| crate::Error::checkpoint(name, "missing from the model"))?;
-        if t.dims() != shape {
-            return Err(crate::Error::checkpoint(
-                name,
-                format!("shape {:?}, expected {shape:?}", t.dims()),
-            ));
+impl WeightSource for MapSource {
+    fn tensor(&mut self, name: &str, shape: &[usize], init: Init) -> Result<Tensor> {
+        match self.map.get(name) {
+            Some(t) if t.dims() == shape => Ok(t.clone()),
+            Some(t) => Err(crate::Error::checkpoint(
+                &self.origin,
+                format!(
+                    "tensor `{name}` has shape {:?}, expected {shape:?}",
+                    t.dims()
+                ),
+            )),
+            None => match &mut self.fallback {
+                Some(f) => f.tensor(name, shape, init),
+                None => Err(crate::Error::checkpoint(
+                    &self.origin,
+                    format!("missing tensor `{name}` (shape {shape:?})"),
+                )),
+            },
         }
-        Ok(t.to_device(&self.device)?.to_dtype(self.dtype)?)
     }
 }
 
@@ -207,10 +214,15 @@ impl Model {
         if self.device().same_device(device) && self.dtype() == dtype {
             return Ok(self.clone());
         }
-        let mut src = FromParams {
-            params: self.params.iter().cloned().collect(),
-            device: device.clone(),
-            dtype,
+        let map = self
+            .params
+            .iter()
+            .map(|(n, t)| Ok((n.clone(), t.to_device(device)?.to_dtype(dtype)?)))
+            .collect::<Result<_>>()?;
+        let mut src = MapSource {
+            map,
+            fallback: None,
+            origin: "the model".into(),
         };
         Self::build(&self.config, &mut src)
     }
