@@ -15,7 +15,74 @@ fn time(it: usize, mut f: impl FnMut()) -> f64 {
     t.elapsed().as_secs_f64() / it as f64
 }
 
+/// Decode-shaped matmuls with cold weights (distinct copies cycling through ~300 MB, as a
+/// decode step streams the whole model): `gemm` on the row-major weights against the packed
+/// panels.
+fn cold_matmuls() {
+    use blockformer::kernels::ops::matmul_acc;
+    use blockformer::kernels::panel::{matmul_panels, Panels};
+    println!(
+        "{:>18} {:>10} {:>10} {:>10} {:>8}",
+        "M x K x N (cold)", "gemm ms", "panel ms", "bound ms", "eff"
+    );
+    let (flops, bw) = (467e9, 44.2e9);
+    for (m, k, n) in [
+        (16, 768, 50304),
+        (64, 768, 50304),
+        (16, 256, 50304),
+        (64, 256, 50304),
+        (16, 512, 1536),
+        (16, 2048, 512),
+        (64, 512, 1536),
+        (64, 2048, 512),
+        (16, 768, 2304),
+        (64, 768, 3072),
+        (2048, 512, 1536),
+        (2048, 2048, 512),
+        (8192, 512, 2048),
+        (8192, 768, 2304),
+    ] {
+        let copies = if m > 64 {
+            2
+        } else {
+            (300usize << 20).div_ceil(k * n * 4).max(2)
+        };
+        let ws: Vec<Vec<f32>> = (0..copies)
+            .map(|c| {
+                (0..k * n)
+                    .map(|i| ((i * 7 + c) % 13) as f32 * 0.01)
+                    .collect()
+            })
+            .collect();
+        let ps: Vec<Panels> = ws.iter().map(|w| Panels::pack(w, k, n)).collect();
+        let x: Vec<f32> = (0..m * k).map(|i| (i % 5) as f32 * 0.1).collect();
+        let mut y = vec![0f32; m * n];
+        let reps = 2 * copies;
+        let mut c = 0;
+        let g = time(reps, || {
+            c = (c + 1) % copies;
+            matmul_acc(&x, &ws[c], m, k, n, &mut y);
+        });
+        let p = time(reps, || {
+            c = (c + 1) % copies;
+            matmul_panels(&x, m, &ps[c], &mut y);
+        });
+        let bound = f64::max(2.0 * (m * k * n) as f64 / flops, (k * n * 4) as f64 / bw);
+        println!(
+            "{:>18} {:>10.3} {:>10.3} {:>10.3} {:>7.0}%",
+            format!("{m}x{k}x{n}"),
+            g * 1e3,
+            p * 1e3,
+            bound * 1e3,
+            100.0 * bound / p
+        );
+    }
+}
+
 fn main() {
+    if std::env::args().any(|a| a == "cold") {
+        return cold_matmuls();
+    }
     let dev = Device::Cpu;
     println!(
         "{:>18} {:>12} {:>12} {:>10}",

@@ -78,6 +78,12 @@ fn greedy_generation_equals_argmax_of_the_official_forward() {
         let p = prompt(len, 1);
         let (gen, _) = run(&model, &[GenRequest::greedy(p.clone(), 21)], 1).remove(0);
         assert_eq!(gen.len(), 21);
+        // The same with the weights packed for the CPU decode kernels.
+        let mut packed = (*model).clone();
+        packed.pack_for_host().unwrap();
+        let packed = Arc::new(packed);
+        let (gen_packed, _) = run(&packed, &[GenRequest::greedy(p.clone(), 21)], 1).remove(0);
+        assert_eq!(gen_packed, gen, "{name}: packed weights");
         let mut seq = p.clone();
         seq.extend(&gen);
         match &model.arch {

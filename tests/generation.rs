@@ -14,24 +14,29 @@ fn official_generate_cases_reproduced_token_for_token() {
     let mut checked = 0;
     for dir in fixture_dirs() {
         let fx = Fixture::load(&dir);
-        let model = Arc::new(fx.model());
-        for case in fx.generation_cases() {
-            let got = official::generate(
-                model.clone(),
-                &case.input_ids,
-                case.mask.as_deref(),
-                case.limit,
-                case.eos,
-            )
-            .unwrap();
-            let (name, want) = (&case.name, &case.output_ids);
-            assert_eq!(&got, want, "{name}");
-            println!(
-                "{name}: {} rows x {} ids reproduced",
-                want.len(),
-                want[0].len()
-            );
-            checked += 1;
+        // As loaded, and packed for the CPU decode kernels (what generate, bench and serve run).
+        let mut packed = fx.model();
+        packed.pack_for_host().unwrap();
+        assert!(packed.packed_bytes() > 0);
+        for (label, model) in [("", Arc::new(fx.model())), (" (packed)", Arc::new(packed))] {
+            for case in fx.generation_cases() {
+                let got = official::generate(
+                    model.clone(),
+                    &case.input_ids,
+                    case.mask.as_deref(),
+                    case.limit,
+                    case.eos,
+                )
+                .unwrap();
+                let (name, want) = (&case.name, &case.output_ids);
+                assert_eq!(&got, want, "{name}{label}");
+                println!(
+                    "{name}{label}: {} rows x {} ids reproduced",
+                    want.len(),
+                    want[0].len()
+                );
+                checked += 1;
+            }
         }
     }
     assert!(checked > 0);

@@ -217,7 +217,7 @@ pub fn device_name(dev: &candle_core::Device) -> Option<String> {
     None
 }
 
-/// Bytes of the parameters a model holds (and of its quantized copies).
+/// Bytes of the parameters a model holds (and of its quantized and packed copies).
 pub fn weight_bytes(model: &Model) -> usize {
     model
         .params
@@ -225,6 +225,7 @@ pub fn weight_bytes(model: &Model) -> usize {
         .map(|(_, t)| t.elem_count() * t.dtype().size_in_bytes())
         .sum::<usize>()
         + model.quantized_bytes()
+        + model.packed_bytes()
 }
 
 /// The memory model of a run of `model` at these lengths, with the weights it actually holds.

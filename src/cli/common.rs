@@ -58,8 +58,16 @@ impl RunArgs {
         Ok((dev, dt))
     }
 
-    /// `model` on `dev` in `dt`, quantized as asked.
+    /// `model` on `dev` in `dt`, quantized as asked, and packed for the CPU decode kernels
+    /// (float32 on the CPU; see [`Model::pack_for_host`]).
     pub fn prepare(&self, model: Model, dev: &Device, dt: DType) -> anyhow::Result<Model> {
+        let mut model = self.prepare_unpacked(model, dev, dt)?;
+        model.pack_for_host()?;
+        Ok(model)
+    }
+
+    /// [`RunArgs::prepare`] without the packed copies (scoring with the official forward).
+    pub fn prepare_unpacked(&self, model: Model, dev: &Device, dt: DType) -> anyhow::Result<Model> {
         let mut model = model
             .to(dev, dt)
             .with_context(|| format!("converting the weights to {dt:?}"))?;

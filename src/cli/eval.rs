@@ -48,7 +48,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     for p in &a.model {
         let l = checkpoint::load(p, None, None, &dev)
             .with_context(|| format!("loading {}", p.display()))?;
-        let m = a.run.prepare(l.model, &dev, dtype)?;
+        let m = a.run.prepare_unpacked(l.model, &dev, dtype)?;
         models.push((p.clone(), m, l.tokenizer_path));
     }
     let tok_path = a

@@ -6,6 +6,7 @@
 //! attends causally over the cache with a single-pass online softmax. Work is spread over
 //! (row, head) pairs with rayon; nothing is allocated in proportion to the context.
 
+use super::matmul::gemm_strided;
 use candle_core::{DType, Device, Tensor};
 use half::f16;
 use half::slice::HalfFloatSliceExt;
@@ -492,43 +493,91 @@ fn run_tasks<T: KvElem>(
     });
 }
 
-/// Query chunk of [`prefill_dense`]: keys beyond a chunk's last query are skipped, so causal
-/// attention costs about half of the full square.
-const DENSE_CHUNK: usize = 256;
+/// Queries per task of [`prefill_dense`]: a tile's scores (`[DENSE_TILE, keys]`) stay in L2,
+/// and only the diagonal tile computes masked scores.
+const DENSE_TILE: usize = 64;
 
-/// Causal attention of a fresh prompt (`n` positions, cache empty before this call) with large
+thread_local! {
+    /// Per-thread scratch of [`prefill_dense`] (queries, scores, outputs of one tile).
+    static DENSE_SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Causal attention of a fresh prompt (`n` positions, cache empty before this call) with
 /// matmuls: `q` holds the rotated queries `[n, heads * hd]` (as left by
 /// [`cached_attention_split`]) and is overwritten with the attention output; keys and values
-/// come from the cache. Same result as the online kernel, at matmul speed.
+/// come from the cache. Tasks are (head, tile of [`DENSE_TILE`] queries), in parallel: scores
+/// `Q K^T` of the tile against the keys up to its last query, masked unnormalized softmax,
+/// `P V`, and the division by the row sums. Same result as the online kernel, at matmul speed.
 pub fn prefill_dense(
     q: &mut [f32],
     cache: &KvCache,
     layer: usize,
     n: usize,
 ) -> candle_core::Result<()> {
-    let (h, hd) = (cache.heads, cache.head_dim);
-    let dev = Device::Cpu;
-    let (k, v) = cache.layer_tensors(layer)?;
-    let (k, v) = (k.narrow(1, 0, n)?, v.narrow(1, 0, n)?);
-    let qt = Tensor::from_slice(q, (n, h, hd), &dev)?
-        .transpose(0, 1)?
-        .contiguous()?; // [h, n, hd]
-    let scale = 1.0 / (hd as f64).sqrt();
-    let mut outs = Vec::with_capacity(n.div_ceil(DENSE_CHUNK));
-    for a in (0..n).step_by(DENSE_CHUNK) {
-        let b = (a + DENSE_CHUNK).min(n);
-        let kc = k.narrow(1, 0, b)?.contiguous()?; // keys 0..b
-        let vc = v.narrow(1, 0, b)?.contiguous()?;
-        let qc = qt.narrow(1, a, b - a)?.contiguous()?;
-        let scores = qc.matmul(&kc.t()?.contiguous()?)?; // [h, b-a, b]
-        let mut s: Vec<f32> = scores.flatten_all()?.to_vec1()?;
-        super::ops::causal_softmax(&mut s, b, b - a, a, scale as f32);
-        let p = Tensor::from_vec(s, (h, b - a, b), &dev)?;
-        outs.push(p.matmul(&vc)?); // [h, b-a, hd]
-    }
-    let o = Tensor::cat(&outs, 1)?.transpose(0, 1)?.contiguous()?; // [n, h, hd]
-    let o: Vec<f32> = o.flatten_all()?.to_vec1()?;
-    q.copy_from_slice(&o);
+    let (h, hd, cap) = (cache.heads, cache.head_dim, cache.capacity);
+    let w = h * hd;
+    assert_eq!(q.len(), n * w, "queries shape");
+    assert!(n <= cap, "prompt longer than the cache");
+    let r = cache.layer_range(layer);
+    let widened: (Vec<f32>, Vec<f32>);
+    let (k, v): (&[f32], &[f32]) = match &cache.store {
+        KvStore::F32 { k, v } => (&k[r.clone()], &v[r]),
+        KvStore::F16 { k, v } => {
+            let wide = |x: &[f16]| x.iter().map(|e| e.to_f32()).collect::<Vec<f32>>();
+            widened = (wide(&k[r.clone()]), wide(&v[r]));
+            (&widened.0, &widened.1)
+        }
+        KvStore::Slot(_) => candle_core::bail!("pool caches take the tensor path"),
+    };
+    let scale = 1.0 / (hd as f32).sqrt();
+    let tiles = n.div_ceil(DENSE_TILE);
+    let qp = OutPtr(q.as_mut_ptr());
+    // Longest tiles first (the last queries see the most keys), for balance.
+    (0..h * tiles).into_par_iter().for_each(|t| {
+        let (tile, head) = (tiles - 1 - t / h, t % h);
+        let (a, b) = (tile * DENSE_TILE, ((tile + 1) * DENSE_TILE).min(n));
+        let rows = b - a;
+        let kh = &k[head * cap * hd..head * cap * hd + b * hd]; // keys 0..b, [b, hd]
+        let vh = &v[head * cap * hd..head * cap * hd + b * hd];
+        DENSE_SCRATCH.with(|cell| {
+            let mut buf = cell.borrow_mut();
+            buf.resize(rows * (2 * hd + b), 0.0);
+            let (qt, rest) = buf.split_at_mut(rows * hd);
+            let (scores, out) = rest.split_at_mut(rows * b);
+            for i in 0..rows {
+                // SAFETY: this task alone reads and writes rows a..b of head `head`.
+                let src = unsafe {
+                    std::slice::from_raw_parts(qp.get().add((a + i) * w + head * hd), hd)
+                };
+                qt[i * hd..(i + 1) * hd].copy_from_slice(src);
+            }
+            let scores = &mut scores[..rows * b];
+            gemm_strided(
+                (rows, hd, b),
+                scores,
+                qt,
+                (hd, 1),
+                kh,
+                (1, hd),
+                scale,
+                false,
+            );
+            let mut inv = [0f32; DENSE_TILE];
+            for (i, row) in scores.chunks_exact_mut(b).enumerate() {
+                inv[i] = 1.0 / super::ops::softmax_unnormalized(row, a + i + 1);
+            }
+            gemm_strided((rows, b, hd), out, scores, (b, 1), vh, (hd, 1), 1.0, false);
+            for i in 0..rows {
+                // SAFETY: as above.
+                let dst = unsafe {
+                    std::slice::from_raw_parts_mut(qp.get().add((a + i) * w + head * hd), hd)
+                };
+                for (d, o) in dst.iter_mut().zip(&out[i * hd..(i + 1) * hd]) {
+                    *d = o * inv[i];
+                }
+            }
+        });
+    });
     Ok(())
 }
 
@@ -675,29 +724,36 @@ mod tests {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(4);
         let qkv = rand_vec(&mut rng, n * 3 * w);
         let spec = [RowSpec::arange(n, 0)];
-        let mut c1 = KvCache::new(1, heads, hd, n);
-        let mut online = vec![0.0; n * w];
-        cached_attention(&qkv, &mut online, &spec, &mut [&mut c1], 0, &rot, heads, hd);
-        let mut c2 = KvCache::new(1, heads, hd, n);
-        let mut dense = vec![0.0; n * w];
-        cached_attention_split(
-            &qkv,
-            &mut dense,
-            &spec,
-            &mut [&mut c2],
-            0,
-            &rot,
-            heads,
-            hd,
-            &[true],
-        );
-        prefill_dense(&mut dense, &c2, 0, n).unwrap();
-        for (i, (a, b)) in online.iter().zip(&dense).enumerate() {
-            assert!(
-                (a - b).abs() < 1e-4,
-                "at {i} (position {}): {a} vs {b}",
-                i / w
+        // float32 and float16 caches, exactly sized and with room to spare.
+        for (dtype, cap) in [
+            (KvDtype::F32, n),
+            (KvDtype::F32, n + 77),
+            (KvDtype::F16, n + 5),
+        ] {
+            let mut c1 = KvCache::with_dtype(1, heads, hd, cap, dtype);
+            let mut online = vec![0.0; n * w];
+            cached_attention(&qkv, &mut online, &spec, &mut [&mut c1], 0, &rot, heads, hd);
+            let mut c2 = KvCache::with_dtype(1, heads, hd, cap, dtype);
+            let mut dense = vec![0.0; n * w];
+            cached_attention_split(
+                &qkv,
+                &mut dense,
+                &spec,
+                &mut [&mut c2],
+                0,
+                &rot,
+                heads,
+                hd,
+                &[true],
             );
+            prefill_dense(&mut dense, &c2, 0, n).unwrap();
+            for (i, (a, b)) in online.iter().zip(&dense).enumerate() {
+                assert!(
+                    (a - b).abs() < 1e-4,
+                    "{dtype:?} cap {cap}: at {i} (position {}): {a} vs {b}",
+                    i / w
+                );
+            }
         }
     }
 

@@ -5,4 +5,5 @@ pub mod attention;
 pub mod kv_pool;
 pub mod matmul;
 pub mod ops;
+pub mod panel;
 pub mod train_attention;

@@ -22,9 +22,11 @@ use crate::config::NeoXConfig;
 use crate::error::Result;
 use crate::kernels::attention::{self, KvCache, KvDtype, Rotary, RowSpec};
 use crate::kernels::kv_pool::{self, KvPool, PoolStep};
+use crate::kernels::panel::{self, Panels};
 use crate::kernels::train_attention::CausalAttentionOp;
 use crate::kernels::{matmul, ops};
 use candle_core::{DType, Device, Tensor, D};
+use std::sync::Arc;
 
 thread_local! {
     static AUTOCAST_BF16: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
@@ -50,6 +52,9 @@ pub struct Linear {
     pub bias: Option<Tensor>,
     /// Inference with int8 weights (`q8_0`: blocks of 32 with one scale), when quantized.
     pub quantized: Option<candle_core::quantized::QMatMul>,
+    /// Inference on the CPU in float32 with the weight packed in column panels (a copy made
+    /// by [`Linear::pack`]; see [`crate::kernels::panel`]).
+    pub packed: Option<Arc<Panels>>,
 }
 
 impl Linear {
@@ -75,7 +80,30 @@ impl Linear {
             weight_t,
             bias,
             quantized: None,
+            packed: None,
         })
+    }
+
+    /// Keeps a copy of the weight packed in column panels for CPU float32 inference, which
+    /// then takes the panel kernel; nothing changes for other devices, dtypes, training, or a
+    /// quantized layer.
+    pub fn pack(&mut self) -> Result<()> {
+        if self.packed.is_some()
+            || self.quantized.is_some()
+            || !self.weight_t.device().is_cpu()
+            || self.weight_t.dtype() != DType::F32
+        {
+            return Ok(());
+        }
+        let (k, n) = self.weight_t.dims2()?;
+        let w = HostView::new(&self.weight_t)?;
+        self.packed = Some(Arc::new(Panels::pack(w.get(), k, n)));
+        Ok(())
+    }
+
+    /// Bytes of the packed copy (0 without one).
+    pub fn packed_bytes(&self) -> usize {
+        self.packed.as_ref().map_or(0, |p| p.bytes())
     }
 
     /// Keeps a `q8_0` copy of the weight (blocks of 32 int8 values with one scale, 8.5 bits per
@@ -132,7 +160,7 @@ impl Linear {
                 q,
                 &x.reshape((rows, in_dim))?,
             )?)?,
-            _ => match self.skinny(x, rows, in_dim, out_dim)? {
+            _ => match self.host(x, rows, in_dim, out_dim)? {
                 Some(y) => y,
                 None => self.add_bias(self.product(x)?)?,
             },
@@ -152,23 +180,49 @@ impl Linear {
         })
     }
 
-    fn skinny(&self, x: &Tensor, rows: usize, k: usize, n: usize) -> Result<Option<Tensor>> {
-        if rows > matmul::SKINNY_MAX_ROWS
-            || !x.device().is_cpu()
+    /// Inference on the CPU in float32 (no gradient): the panel kernel when packed, else the
+    /// skinny kernel for decode-sized inputs; `None` where neither applies.
+    fn host(&self, x: &Tensor, rows: usize, k: usize, n: usize) -> Result<Option<Tensor>> {
+        if !x.device().is_cpu()
             || self.weight_t.is_variable()
             || x.track_op()
             || x.dtype() != DType::F32
+            || (self.packed.is_none() && rows > matmul::SKINNY_MAX_ROWS)
         {
             return Ok(None);
         }
         let xv: Vec<f32> = x.flatten_all()?.to_vec1()?;
-        let w = HostView::new(&self.weight_t)?;
         let mut y = match &self.bias {
             Some(b) => b.to_vec1::<f32>()?.repeat(rows),
             None => vec![0f32; rows * n],
         };
-        matmul::matmul_skinny(&xv, w.get(), rows, k, n, &mut y);
+        self.host_weight()?.acc(&xv, rows, &mut y);
+        debug_assert_eq!(xv.len(), rows * k);
         Ok(Some(Tensor::from_vec(y, (rows, n), x.device())?))
+    }
+
+    /// The weight as the host kernels read it.
+    fn host_weight(&self) -> Result<HostWeight<'_>> {
+        Ok(match &self.packed {
+            Some(p) => HostWeight::Packed(p),
+            None => HostWeight::Dense(HostView::new(&self.weight_t)?, self.weight_t.dims2()?),
+        })
+    }
+}
+
+/// A linear layer's weight as the host path reads it: `[in, out]` row-major, or packed.
+enum HostWeight<'a> {
+    Dense(HostView<'a>, (usize, usize)),
+    Packed(&'a Panels),
+}
+
+impl HostWeight<'_> {
+    /// `y += x W` for `x [m, in]`, `y [m, out]`.
+    fn acc(&self, x: &[f32], m: usize, y: &mut [f32]) {
+        match self {
+            HostWeight::Dense(w, (k, n)) => ops::matmul_acc(x, w.get(), m, *k, *n, y),
+            HostWeight::Packed(p) => panel::matmul_panels(x, m, p, y),
+        }
     }
 }
 
@@ -265,6 +319,15 @@ impl Layer {
             dense_h_to_4h: Linear::load(src, &format!("{p}.mlp.dense_h_to_4h"), f, w, true, std)?,
             dense_4h_to_h: Linear::load(src, &format!("{p}.mlp.dense_4h_to_h"), w, f, true, std)?,
         })
+    }
+
+    fn linears_mut(&mut self) -> [&mut Linear; 4] {
+        [
+            &mut self.query_key_value,
+            &mut self.dense,
+            &mut self.dense_h_to_4h,
+            &mut self.dense_4h_to_h,
+        ]
     }
 
     fn mlp(&self, x: &Tensor, act: &str) -> Result<Tensor> {
@@ -460,6 +523,34 @@ impl NeoX {
             .reshape((b * t, nh * hd))?)
     }
     /// A new, empty KV cache for one sequence of up to `capacity` positions.
+    /// Packs every layer's weights for CPU float32 inference ([`Linear::pack`]).
+    pub fn pack(&mut self) -> Result<()> {
+        for l in &mut self.layers {
+            for lin in l.linears_mut() {
+                lin.pack()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Bytes of the packed copies ([`NeoX::pack`]).
+    pub fn packed_bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .map(|l| {
+                [
+                    &l.query_key_value,
+                    &l.dense,
+                    &l.dense_h_to_4h,
+                    &l.dense_4h_to_h,
+                ]
+                .iter()
+                .map(|x| x.packed_bytes())
+                .sum::<usize>()
+            })
+            .sum()
+    }
+
     pub fn new_cache(&self, capacity: usize) -> KvCache {
         self.new_cache_typed(capacity, KvDtype::F32)
     }
@@ -508,7 +599,7 @@ impl NeoX {
             let lw = HostLayer::new(layer)?;
             ops::layer_norm(&h, lw.ln_in.0.get(), lw.ln_in.1.get(), eps, &mut a);
             ops::fill_rows(&mut qkv, lw.qkv.1.get());
-            ops::matmul_acc(&a, lw.qkv.0.get(), n, w, 3 * w, &mut qkv);
+            lw.qkv.0.acc(&a, n, &mut qkv);
             attention::cached_attention_split(
                 &qkv,
                 &mut o,
@@ -534,16 +625,16 @@ impl NeoX {
                 self.mlp_hidden(&lw, &a, &mut m, n, exact_gelu);
                 ops::add_rows(&mut h, lw.dense.1.get());
                 ops::add_rows(&mut h, lw.fc2.1.get());
-                ops::matmul_acc(&o, lw.dense.0.get(), n, w, w, &mut h);
-                ops::matmul_acc(&m, lw.fc2.0.get(), n, f, w, &mut h);
+                lw.dense.0.acc(&o, n, &mut h);
+                lw.fc2.0.acc(&m, n, &mut h);
             } else {
                 // y = x + dense(o); y = y + MLP(LN_post(y))
                 ops::add_rows(&mut h, lw.dense.1.get());
-                ops::matmul_acc(&o, lw.dense.0.get(), n, w, w, &mut h);
+                lw.dense.0.acc(&o, n, &mut h);
                 ops::layer_norm(&h, lw.ln_post.0.get(), lw.ln_post.1.get(), eps, &mut a);
                 self.mlp_hidden(&lw, &a, &mut m, n, exact_gelu);
                 ops::add_rows(&mut h, lw.fc2.1.get());
-                ops::matmul_acc(&m, lw.fc2.0.get(), n, f, w, &mut h);
+                lw.fc2.0.acc(&m, n, &mut h);
             }
         }
         attention::commit(rows, caches);
@@ -643,9 +734,8 @@ impl NeoX {
 
     /// `m = gelu(a W_1 + b_1)`.
     fn mlp_hidden(&self, lw: &HostLayer, a: &[f32], m: &mut [f32], n: usize, exact: bool) {
-        let (w, f) = (self.cfg.hidden_size, self.cfg.intermediate_size);
         ops::fill_rows(m, lw.fc1.1.get());
-        ops::matmul_acc(a, lw.fc1.0.get(), n, w, f, m);
+        lw.fc1.0.acc(a, n, m);
         ops::gelu(m, exact);
     }
 }
@@ -688,19 +778,19 @@ impl<'a> HostView<'a> {
 struct HostLayer<'a> {
     ln_in: (HostView<'a>, HostView<'a>),
     ln_post: (HostView<'a>, HostView<'a>),
-    qkv: (HostView<'a>, HostView<'a>),
-    dense: (HostView<'a>, HostView<'a>),
-    fc1: (HostView<'a>, HostView<'a>),
-    fc2: (HostView<'a>, HostView<'a>),
+    qkv: (HostWeight<'a>, HostView<'a>),
+    dense: (HostWeight<'a>, HostView<'a>),
+    fc1: (HostWeight<'a>, HostView<'a>),
+    fc2: (HostWeight<'a>, HostView<'a>),
 }
 
 impl<'a> HostLayer<'a> {
     fn new(l: &'a Layer) -> Result<Self> {
-        let lin = |x: &'a Linear| -> Result<(HostView<'a>, HostView<'a>)> {
+        let lin = |x: &'a Linear| -> Result<(HostWeight<'a>, HostView<'a>)> {
             let b = x.bias.as_ref().ok_or_else(|| {
                 crate::Error::input("weights", "GPT-NeoX linear layers have biases")
             })?;
-            Ok((HostView::new(&x.weight_t)?, HostView::new(b)?))
+            Ok((x.host_weight()?, HostView::new(b)?))
         };
         let ln = |x: &'a LayerNorm| -> Result<(HostView<'a>, HostView<'a>)> {
             Ok((HostView::new(&x.weight)?, HostView::new(&x.bias)?))

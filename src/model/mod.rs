@@ -243,6 +243,36 @@ impl Model {
         }
     }
 
+    /// Packs the weights of every decoder layer and the LM head for CPU float32 inference
+    /// (column panels, see [`crate::kernels::panel`]): a copy the decode kernels stream in
+    /// address order. Other devices and dtypes, and a quantized LM head, are left as they are;
+    /// the stored parameters (and saved checkpoints) are unchanged.
+    pub fn pack_for_host(&mut self) -> Result<()> {
+        match &mut self.arch {
+            Arch::Block(bt) => {
+                bt.block_decoder.stack.pack()?;
+                bt.token_decoder.stack.pack()?;
+                bt.token_decoder.embed_out.pack()
+            }
+            Arch::Vanilla(v) => {
+                v.stack.pack()?;
+                v.embed_out.pack()
+            }
+        }
+    }
+
+    /// Bytes of the packed copies ([`Model::pack_for_host`]).
+    pub fn packed_bytes(&self) -> usize {
+        match &self.arch {
+            Arch::Block(bt) => {
+                bt.block_decoder.stack.packed_bytes()
+                    + bt.token_decoder.stack.packed_bytes()
+                    + bt.token_decoder.embed_out.packed_bytes()
+            }
+            Arch::Vanilla(v) => v.stack.packed_bytes() + v.embed_out.packed_bytes(),
+        }
+    }
+
     /// Bytes of the quantized copies held for inference (the `q8_0` LM head).
     pub fn quantized_bytes(&self) -> usize {
         let head = match &self.arch {

@@ -1,0 +1,273 @@
+//! Decode-shaped matmul `y[M, N] += x[M, K] · W[K, N]` over weights packed once into column
+//! panels, for the few rows of batched decoding (M up to a few dozen).
+//!
+//! At these shapes a weight is used by only M multiply-adds, so the time is the weight stream:
+//! the kernel must read each weight once, in address order, while the FMAs keep up. Packing at
+//! load time puts each panel of [`PANEL`] columns in one contiguous run (`[K, PANEL]`), so a
+//! panel streams sequentially through the prefetchers instead of touching K rows `4 N` bytes
+//! apart (the row-major layout's pattern, which costs a TLB walk per row for the LM head). The
+//! micro-kernel keeps a tile of up to [`TILE_ROWS`] rows x [`PANEL`] columns in registers;
+//! later row tiles of the same panel read it from L2.
+//!
+//! [`matmul_panels_reference`] is the plain twin.
+
+use rayon::prelude::*;
+
+/// Columns per panel (two AVX-512 vectors).
+pub const PANEL: usize = 32;
+/// Rows per register tile (8 x 2 accumulators).
+pub const TILE_ROWS: usize = 8;
+/// Floats ahead of the current weight row that the micro-kernel prefetches (4 KiB).
+const PREFETCH: usize = 1024;
+/// Bytes of `x` per row block at prefill sizes (a share of L2).
+const X_BLOCK_BYTES: usize = 256 << 10;
+
+/// A `[K, N]` weight matrix as `ceil(N / PANEL)` panels of `[K, PANEL]` floats (the last one
+/// zero-padded).
+#[derive(Clone, Debug)]
+pub struct Panels {
+    k: usize,
+    n: usize,
+    data: Vec<f32>,
+}
+
+impl Panels {
+    /// Packs a row-major `[K, N]` matrix.
+    pub fn pack(w: &[f32], k: usize, n: usize) -> Self {
+        assert_eq!(w.len(), k * n, "weight shape");
+        Self::build(k, n, |kk, j| w[kk * n + j])
+    }
+
+    fn build(k: usize, n: usize, at: impl Fn(usize, usize) -> f32 + Sync) -> Self {
+        let panels = n.div_ceil(PANEL);
+        let mut data = vec![0f32; panels * k * PANEL];
+        data.par_chunks_mut(k * PANEL)
+            .enumerate()
+            .for_each(|(p, panel)| {
+                for kk in 0..k {
+                    for c in 0..PANEL.min(n - p * PANEL) {
+                        panel[kk * PANEL + c] = at(kk, p * PANEL + c);
+                    }
+                }
+            });
+        Self { k, n, data }
+    }
+
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    pub fn n(&self) -> usize {
+        self.n
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.data.len() * 4
+    }
+
+    fn panel(&self, p: usize) -> &[f32] {
+        &self.data[p * self.k * PANEL..(p + 1) * self.k * PANEL]
+    }
+}
+
+/// Raw output pointer shared by the tasks (each writes its own columns).
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// `y += x W`: `x` is `[m, K]`, `y` is `[m, N]`, both row-major.
+pub fn matmul_panels(x: &[f32], m: usize, w: &Panels, y: &mut [f32]) {
+    let (k, n) = (w.k, w.n);
+    assert_eq!(x.len(), m * k, "x shape");
+    assert_eq!(y.len(), m * n, "y shape");
+    if m == 0 || n == 0 {
+        return;
+    }
+    let panels = n.div_ceil(PANEL);
+    // Row blocks whose x stays in L2 while the panels stream past (all rows at decode sizes),
+    // then contiguous runs of panels, a few tasks per thread for balance.
+    let mb = if m <= 64 {
+        m
+    } else {
+        ((X_BLOCK_BYTES / (4 * k)) / TILE_ROWS * TILE_ROWS).max(TILE_ROWS)
+    };
+    let mblocks = m.div_ceil(mb);
+    let runs = (4 * rayon::current_num_threads())
+        .div_ceil(mblocks)
+        .min(panels)
+        .max(1);
+    let per = panels.div_ceil(runs);
+    let runs = panels.div_ceil(per);
+    let out = OutPtr(y.as_mut_ptr());
+    (0..mblocks * runs).into_par_iter().for_each(|t| {
+        let (b, run) = (t / runs, t % runs);
+        let (m0, m1) = (b * mb, ((b + 1) * mb).min(m));
+        for p in run * per..((run + 1) * per).min(panels) {
+            let cols = PANEL.min(n - p * PANEL);
+            for r0 in (m0..m1).step_by(TILE_ROWS) {
+                let rows = TILE_ROWS.min(m1 - r0);
+                // SAFETY: panel p owns output columns [p * PANEL, p * PANEL + cols) of rows
+                // m0..m1; `y` outlives the loop and has m * n elements.
+                unsafe {
+                    tile(
+                        &x[r0 * k..(r0 + rows) * k],
+                        rows,
+                        k,
+                        w.panel(p),
+                        out.get().add(r0 * n + p * PANEL),
+                        n,
+                        cols,
+                    )
+                }
+            }
+        }
+    });
+}
+
+/// One register tile: `rows` rows of `x` against one panel, added into `y` (row stride `ldy`,
+/// `cols` valid columns).
+///
+/// # Safety
+/// `y` must be valid for `rows` rows of `cols` floats at stride `ldy`.
+unsafe fn tile(
+    x: &[f32],
+    rows: usize,
+    k: usize,
+    panel: &[f32],
+    y: *mut f32,
+    ldy: usize,
+    cols: usize,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx512f") {
+        return match rows {
+            8 => tile_avx512::<8>(x, k, panel, y, ldy, cols),
+            7 => tile_avx512::<7>(x, k, panel, y, ldy, cols),
+            6 => tile_avx512::<6>(x, k, panel, y, ldy, cols),
+            5 => tile_avx512::<5>(x, k, panel, y, ldy, cols),
+            4 => tile_avx512::<4>(x, k, panel, y, ldy, cols),
+            3 => tile_avx512::<3>(x, k, panel, y, ldy, cols),
+            2 => tile_avx512::<2>(x, k, panel, y, ldy, cols),
+            _ => tile_avx512::<1>(x, k, panel, y, ldy, cols),
+        };
+    }
+    tile_generic(x, rows, k, panel, y, ldy, cols)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn tile_avx512<const R: usize>(
+    x: &[f32],
+    k: usize,
+    panel: &[f32],
+    y: *mut f32,
+    ldy: usize,
+    cols: usize,
+) {
+    use std::arch::x86_64::*;
+    debug_assert!(x.len() >= R * k && panel.len() >= k * PANEL);
+    let mut acc = [[_mm512_setzero_ps(); 2]; R];
+    let (xp, wp) = (x.as_ptr(), panel.as_ptr());
+    for kk in 0..k {
+        let w0 = _mm512_loadu_ps(wp.add(kk * PANEL));
+        let w1 = _mm512_loadu_ps(wp.add(kk * PANEL + 16));
+        if PREFETCH > 0 {
+            _mm_prefetch::<_MM_HINT_T0>(wp.add(kk * PANEL + PREFETCH) as *const i8);
+            _mm_prefetch::<_MM_HINT_T0>(wp.add(kk * PANEL + PREFETCH + 16) as *const i8);
+        }
+        for (r, a) in acc.iter_mut().enumerate() {
+            let xb = _mm512_set1_ps(*xp.add(r * k + kk));
+            a[0] = _mm512_fmadd_ps(xb, w0, a[0]);
+            a[1] = _mm512_fmadd_ps(xb, w1, a[1]);
+        }
+    }
+    let m0: __mmask16 = if cols >= 16 {
+        0xffff
+    } else {
+        (1u32 << cols) as u16 - 1
+    };
+    let m1: __mmask16 = if cols >= 32 {
+        0xffff
+    } else if cols > 16 {
+        (1u32 << (cols - 16)) as u16 - 1
+    } else {
+        0
+    };
+    for (r, a) in acc.iter().enumerate() {
+        let yr = y.add(r * ldy);
+        let v0 = _mm512_maskz_loadu_ps(m0, yr);
+        _mm512_mask_storeu_ps(yr, m0, _mm512_add_ps(v0, a[0]));
+        let v1 = _mm512_maskz_loadu_ps(m1, yr.add(16));
+        _mm512_mask_storeu_ps(yr.add(16), m1, _mm512_add_ps(v1, a[1]));
+    }
+}
+
+unsafe fn tile_generic(
+    x: &[f32],
+    rows: usize,
+    k: usize,
+    panel: &[f32],
+    y: *mut f32,
+    ldy: usize,
+    cols: usize,
+) {
+    for r in 0..rows {
+        let mut acc = [0f32; PANEL];
+        for kk in 0..k {
+            let xv = x[r * k + kk];
+            for (a, w) in acc.iter_mut().zip(&panel[kk * PANEL..(kk + 1) * PANEL]) {
+                *a += xv * w;
+            }
+        }
+        for (c, a) in acc.iter().enumerate().take(cols) {
+            *y.add(r * ldy + c) += a;
+        }
+    }
+}
+
+/// Reference twin: the textbook triple loop over the unpacked `[K, N]` matrix, `y += x w`.
+pub fn matmul_panels_reference(x: &[f32], w: &[f32], m: usize, k: usize, n: usize, y: &mut [f32]) {
+    super::matmul::matmul_reference(x, w, m, k, n, y)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    #[test]
+    fn packed_matmul_matches_reference() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+        for (m, k, n) in [
+            (1, 7, 5),
+            (3, 64, 100),
+            (8, 96, 1031),
+            (9, 33, 64),
+            (16, 128, 65),
+            (17, 40, 33),
+            (300, 50, 70),
+        ] {
+            let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let w: Vec<f32> = (0..k * n).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let y0: Vec<f32> = (0..m * n).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let mut want = y0.clone();
+            matmul_panels_reference(&x, &w, m, k, n, &mut want);
+            let mut y = y0.clone();
+            matmul_panels(&x, m, &Panels::pack(&w, k, n), &mut y);
+            for (a, b) in y.iter().zip(&want) {
+                assert!(
+                    (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                    "{m}x{k}x{n}: {a} vs {b}"
+                );
+            }
+        }
+    }
+}
