@@ -51,13 +51,20 @@ pub enum Command {
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Info(a) => info::run(a),
-        Command::Generate(a) => generate::run(a),
+        Command::Generate(a) => on_pool(|| generate::run(a)),
         Command::Serve(a) => serve::run(a),
         Command::Loadtest(a) => loadtest::run(a),
         Command::Tokenizer(a) => tokenizer::run(a),
-        Command::Train(a) => train::run(a),
-        Command::Eval(a) => eval::run(a),
+        Command::Train(a) => on_pool(|| train::run(a)),
+        Command::Eval(a) => on_pool(|| eval::run(a)),
         Command::Export(a) => train::export(a),
-        Command::Bench(a) => bench::run(a),
+        Command::Bench(a) => on_pool(|| bench::run(a)),
     }
+}
+
+/// Runs a compute command on a worker of rayon's pool, so that its parallel loops split work
+/// with the other workers directly instead of each waking the pool from outside and sleeping
+/// until it ends. Not for commands that wait on other threads using the pool (serve).
+fn on_pool<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+    rayon::scope(|_| f())
 }

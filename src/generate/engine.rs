@@ -7,6 +7,7 @@ use super::PositionMode;
 use crate::error::{Error, Result};
 use crate::kernels::attention::{KvCache, KvDtype, RowSpec};
 use crate::kernels::kv_pool::KvPool;
+use crate::model::gpt_neox::HostView;
 use crate::model::{Arch, BlockTransformer, Model, Vanilla};
 use candle_core::Tensor;
 use rayon::prelude::*;
@@ -487,7 +488,15 @@ impl Engine {
 
     /// Admits waiting rows, decodes one block (or token) for every running row, and returns
     /// what each row produced.
+    ///
+    /// The step runs on a worker of rayon's pool (inline when called from one): its many
+    /// small parallel loops then share work with the other workers directly instead of each
+    /// waking the pool from outside and sleeping until it ends.
     pub fn step(&mut self) -> Result<Vec<StepEvent>> {
+        rayon::scope(|_| self.step_here())
+    }
+
+    fn step_here(&mut self) -> Result<Vec<StepEvent>> {
         if self.tensor_path() && !self.waiting.is_empty() {
             self.ensure_pools()?;
         }
@@ -781,10 +790,17 @@ impl Engine {
         rows: &[usize],
     ) -> Result<Vec<(usize, u32, Option<TokenLogprob>)>> {
         let v = logits.dim(1)?;
-        let host: Vec<f32> = logits
-            .to_dtype(candle_core::DType::F32)?
-            .flatten_all()?
-            .to_vec1()?;
+        // CPU float32 logits are read in place; others are copied to the host once.
+        let logits = logits.to_dtype(candle_core::DType::F32)?.contiguous()?;
+        let copied: Vec<f32>;
+        let view;
+        let host: &[f32] = if logits.device().is_cpu() {
+            view = HostView::new(&logits)?;
+            view.get()
+        } else {
+            copied = logits.flatten_all()?.to_vec1()?;
+            &copied
+        };
         let mut picked: Vec<(usize, &mut Seq)> = Vec::with_capacity(rows.len());
         let mut want = rows.iter().peekable();
         for (r, s) in self.running.iter_mut().enumerate() {

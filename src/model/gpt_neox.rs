@@ -741,13 +741,13 @@ impl NeoX {
 }
 
 /// A CPU float32 contiguous tensor's data, borrowed.
-struct HostView<'a> {
+pub(crate) struct HostView<'a> {
     guard: Box<dyn std::ops::Deref<Target = candle_core::Storage> + 'a>,
     range: std::ops::Range<usize>,
 }
 
 impl<'a> HostView<'a> {
-    fn new(t: &'a Tensor) -> Result<Self> {
+    pub(crate) fn new(t: &'a Tensor) -> Result<Self> {
         if t.dtype() != DType::F32 || !t.device().is_cpu() {
             return Err(crate::Error::input(
                 "device",
@@ -764,7 +764,7 @@ impl<'a> HostView<'a> {
         })
     }
 
-    fn get(&self) -> &[f32] {
+    pub(crate) fn get(&self) -> &[f32] {
         match &**self.guard {
             candle_core::Storage::Cpu(c) => {
                 &c.as_slice::<f32>().expect("checked f32")[self.range.clone()]
