@@ -175,6 +175,30 @@ fn block_cost_follows_the_engine_steps() {
 }
 
 #[test]
+fn memory_model_counts_prefill_groups() {
+    let cfg = ModelConfig::Block(tiny_block());
+    let ModelConfig::Block(c) = &cfg else {
+        unreachable!()
+    };
+    // 4096 prompt blocks per row: two rows per group of PREFILL_CHUNK positions.
+    let p = 2 * blockformer::model::gpt_neox::PREFILL_CHUNK * c.block_length;
+    let mm = MemoryModel::new(&cfg, p, 4);
+    assert_eq!(mm.rows_per_group, 1);
+    let mm = MemoryModel::new(&cfg, p / 4, 4);
+    assert_eq!(mm.rows_per_group, 2);
+    let per = mm.activations_per_sample;
+    assert_eq!(mm.activations(1), per);
+    assert_eq!(mm.activations(2), 2 * per);
+    let four = mm.activations(4);
+    assert_eq!(
+        four,
+        4 * (per + mm.group_outputs_per_sample) - 2 * mm.group_buffers_per_sample
+    );
+    assert!(four < 4 * per);
+    assert_eq!(mm.total(4), mm.weights + 4 * mm.kv_per_sample + four);
+}
+
+#[test]
 fn memory_model_and_auto_tune() {
     let cfg = ModelConfig::Block(tiny_block());
     let mm = MemoryModel::new(&cfg, 3, 3);

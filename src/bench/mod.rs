@@ -241,6 +241,7 @@ pub fn memory_model(model: &Model, prompt_len: usize, new_tokens: usize) -> Memo
         // The tensor path runs op by op: its temporaries outlive the host path's reused
         // buffers (an allowance of twice those buffers, until a GPU run measures it).
         mm.activations_per_sample *= 2;
+        mm.rows_per_group = usize::MAX; // and it has no prefill groups
     }
     mm
 }
@@ -397,7 +398,7 @@ pub fn bench_model(
     if kv_max == 0 {
         kv_max = mm.kv_per_sample * w.batch;
     }
-    let activations = mm.activations_per_sample * w.batch;
+    let activations = mm.activations(w.batch);
     // On a GPU the measured peak is the device's memory in use (its CUDA context included);
     // on the CPU the process's resident set.
     let base_rss = if device_peak.is_some() { 0 } else { rss_load.0 };

@@ -385,6 +385,13 @@ pub struct MemoryModel {
     /// The largest step's live activations per row (prefill: hidden states, QKV, MLP
     /// intermediate, the logits and their host copy).
     pub activations_per_sample: usize,
+    /// The host path runs a prefill of more than this many rows in groups
+    /// ([`crate::model::gpt_neox::PREFILL_CHUNK`] positions); `usize::MAX` when it does not.
+    pub rows_per_group: usize,
+    /// Per row: the work buffers a group reuses (all but the input and the output).
+    pub group_buffers_per_sample: usize,
+    /// Per row: what grouping adds (each group's output and their concatenation).
+    pub group_outputs_per_sample: usize,
 }
 
 impl MemoryModel {
@@ -404,6 +411,15 @@ impl MemoryModel {
             // attention out, MLP intermediate (reused by every layer).
             n * (7 * c.hidden_size + c.intermediate_size) * f
         };
+        // Prefill groups of the host path (over the stack that takes the prompt).
+        let grouping = |c: &NeoXConfig, n: usize| {
+            let chunk = crate::model::gpt_neox::PREFILL_CHUNK;
+            (
+                (chunk / n.max(1)).max(1),
+                n * (6 * c.hidden_size + c.intermediate_size) * f,
+                2 * n * c.hidden_size * f,
+            )
+        };
         match cfg {
             ModelConfig::Block(c) => {
                 let l = c.block_length;
@@ -421,18 +437,28 @@ impl MemoryModel {
                 let act = (stack_act(bd, n_p) + n_p * l * c.embedder.hidden_size * f)
                     .max(stack_act(td, c.n_prefix()))
                     + logits;
+                let (rows_per_group, group_buffers_per_sample, group_outputs_per_sample) =
+                    grouping(bd, n_p);
                 MemoryModel {
                     weights: cfg.total_params() * f,
                     kv_per_sample: kv_bd + kv_td,
                     activations_per_sample: act,
+                    rows_per_group,
+                    group_buffers_per_sample,
+                    group_outputs_per_sample,
                 }
             }
             ModelConfig::Vanilla(c) => {
                 let kv = 2 * c.num_hidden_layers * (prompt_len + new_tokens) * c.hidden_size * f;
+                let (rows_per_group, group_buffers_per_sample, group_outputs_per_sample) =
+                    grouping(c, prompt_len);
                 MemoryModel {
                     weights: cfg.total_params() * f,
                     kv_per_sample: kv,
                     activations_per_sample: stack_act(c, prompt_len) + 2 * c.vocab_size * f,
+                    rows_per_group,
+                    group_buffers_per_sample,
+                    group_outputs_per_sample,
                 }
             }
         }
@@ -440,7 +466,19 @@ impl MemoryModel {
 
     /// Weights + caches + activations of `batch` rows.
     pub fn total(&self, batch: usize) -> usize {
-        self.weights + batch * (self.kv_per_sample + self.activations_per_sample)
+        self.weights + batch * self.kv_per_sample + self.activations(batch)
+    }
+
+    /// The largest step's activations with `batch` rows: a prefill of more than
+    /// `rows_per_group` rows reuses one group's work buffers (and keeps every group's output).
+    /// At most `batch * activations_per_sample`, the per-row figure the batch auto-tune uses.
+    pub fn activations(&self, batch: usize) -> usize {
+        if batch <= self.rows_per_group {
+            return batch * self.activations_per_sample;
+        }
+        let grouped = batch * (self.activations_per_sample + self.group_outputs_per_sample)
+            - (batch - self.rows_per_group) * self.group_buffers_per_sample;
+        grouped.min(batch * self.activations_per_sample)
     }
 
     /// The largest batch whose [`MemoryModel::total`] plus `overhead` fits `budget`: exact up

@@ -495,7 +495,7 @@ fn run_tasks<T: KvElem>(
 
 /// Queries per task of [`prefill_dense`]: a tile's scores (`[DENSE_TILE, keys]`) stay in L2,
 /// and only the diagonal tile computes masked scores.
-const DENSE_TILE: usize = 64;
+const DENSE_TILE: usize = 128;
 
 thread_local! {
     /// Per-thread scratch of [`prefill_dense`] (queries, scores, outputs of one tile).

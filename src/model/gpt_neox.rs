@@ -354,6 +354,10 @@ impl Layer {
     }
 }
 
+/// Most positions one host forward takes at once; larger batches of prompts run in groups of
+/// whole rows (the bench's memory model counts the same).
+pub const PREFILL_CHUNK: usize = 8192;
+
 /// Fresh prompts at least this long compute attention with matmuls ([`attention::prefill_dense`]).
 const DENSE_PREFILL_MIN: usize = 64;
 
@@ -579,6 +583,34 @@ impl NeoX {
         if caches.first().is_some_and(|c| c.slot().is_some()) {
             return self.forward_pooled(x, rows, caches);
         }
+        let n = x.dim(0)?;
+        if n > PREFILL_CHUNK && rows.len() > 1 {
+            // Rows are independent: run them in groups of at most PREFILL_CHUNK positions
+            // (whole rows) so a large batch of long prompts keeps its buffers cache-sized.
+            let mut outs = Vec::new();
+            let (mut r0, mut p0) = (0, 0);
+            while r0 < rows.len() {
+                let (mut r1, mut len) = (r0 + 1, rows[r0].n_new);
+                while r1 < rows.len() && len + rows[r1].n_new <= PREFILL_CHUNK {
+                    len += rows[r1].n_new;
+                    r1 += 1;
+                }
+                let xs = x.narrow(0, p0, len)?;
+                outs.push(self.forward_host(&xs, &rows[r0..r1], &mut caches[r0..r1])?);
+                (r0, p0) = (r1, p0 + len);
+            }
+            return Ok(Tensor::cat(&outs, 0)?);
+        }
+        self.forward_host(x, rows, caches)
+    }
+
+    /// [`NeoX::forward_cached`] on host buffers, all rows at once.
+    fn forward_host(
+        &self,
+        x: &Tensor,
+        rows: &[RowSpec],
+        caches: &mut [&mut KvCache],
+    ) -> Result<Tensor> {
         let (n, w) = x.dims2()?;
         let (nh, hd) = self.heads();
         let f = self.cfg.intermediate_size;
