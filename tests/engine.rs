@@ -399,3 +399,26 @@ fn q8_0_lm_head_stays_close_to_float32() {
     let err = half.quantize_lm_head().unwrap_err().to_string();
     assert!(err.contains("--quantize"), "{err}");
 }
+
+#[test]
+fn long_prompt_batches_prefill_in_groups_with_the_same_result() {
+    use blockformer::config::{ModelConfig, NeoXConfig};
+    // 5 rows x 1900 prompt positions: more than one prefill group of PREFILL_CHUNK positions.
+    let cfg = ModelConfig::Vanilla(NeoXConfig {
+        rotary_pct: 0.5,
+        ..NeoXConfig::pythia(300, 2, 16, 2, 32)
+    });
+    let total = 5 * 1900;
+    assert!(total > blockformer::model::gpt_neox::PREFILL_CHUNK);
+    let mut model = Model::random(&cfg, 3, &candle_core::Device::Cpu).unwrap();
+    model.pack_for_host().unwrap();
+    let model = Arc::new(model);
+    let reqs: Vec<GenRequest> = (0..5)
+        .map(|i| GenRequest::greedy(prompt(1900, i), 6))
+        .collect();
+    let together = run(&model, &reqs, 5);
+    for (i, r) in reqs.iter().enumerate() {
+        let alone = run(&model, std::slice::from_ref(r), 1).remove(0);
+        assert_eq!(together[i], alone, "row {i}");
+    }
+}
