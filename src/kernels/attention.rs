@@ -7,6 +7,7 @@
 //! (row, head) pairs with rayon; nothing is allocated in proportion to the context.
 
 use super::matmul::gemm_strided;
+use super::OutPtr;
 use candle_core::{DType, Device, Tensor};
 use half::f16;
 use half::slice::HalfFloatSliceExt;
@@ -305,18 +306,6 @@ impl KvCache {
     }
 }
 
-/// Raw output pointer shared by tasks that write disjoint `(position, head)` slots.
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-
-impl OutPtr {
-    fn get(&self) -> *mut f32 {
-        self.0
-    }
-}
-
 struct Task<'a, T> {
     spec: RowSpec,
     /// Cache length before this call.
@@ -523,8 +512,7 @@ pub fn prefill_dense(
     let (k, v): (&[f32], &[f32]) = match &cache.store {
         KvStore::F32 { k, v } => (&k[r.clone()], &v[r]),
         KvStore::F16 { k, v } => {
-            let wide = |x: &[f16]| x.iter().map(|e| e.to_f32()).collect::<Vec<f32>>();
-            widened = (wide(&k[r.clone()]), wide(&v[r]));
+            widened = (k[r.clone()].to_f32_vec(), v[r].to_f32_vec());
             (&widened.0, &widened.1)
         }
         KvStore::Slot(_) => candle_core::bail!("pool caches take the tensor path"),

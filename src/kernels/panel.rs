@@ -9,8 +9,9 @@
 //! micro-kernel keeps a tile of up to [`TILE_ROWS`] rows x [`PANEL`] columns in registers;
 //! later row tiles of the same panel read it from L2.
 //!
-//! [`matmul_panels_reference`] is the plain twin.
+//! [`super::matmul::matmul_reference`] (on the unpacked matrix) is the plain twin.
 
+use super::OutPtr;
 use rayon::prelude::*;
 
 /// Columns per panel (two AVX-512 vectors).
@@ -68,18 +69,6 @@ impl Panels {
 
     fn panel(&self, p: usize) -> &[f32] {
         &self.data[p * self.k * PANEL..(p + 1) * self.k * PANEL]
-    }
-}
-
-/// Raw output pointer shared by the tasks (each writes its own columns).
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-
-impl OutPtr {
-    fn get(self) -> *mut f32 {
-        self.0
     }
 }
 
@@ -233,13 +222,9 @@ unsafe fn tile_generic(
     }
 }
 
-/// Reference twin: the textbook triple loop over the unpacked `[K, N]` matrix, `y += x w`.
-pub fn matmul_panels_reference(x: &[f32], w: &[f32], m: usize, k: usize, n: usize, y: &mut [f32]) {
-    super::matmul::matmul_reference(x, w, m, k, n, y)
-}
-
 #[cfg(test)]
 mod tests {
+    use super::super::matmul::matmul_reference;
     use super::*;
     use rand::{Rng, SeedableRng};
 
@@ -259,7 +244,7 @@ mod tests {
             let w: Vec<f32> = (0..k * n).map(|_| rng.random_range(-1.0..1.0)).collect();
             let y0: Vec<f32> = (0..m * n).map(|_| rng.random_range(-1.0..1.0)).collect();
             let mut want = y0.clone();
-            matmul_panels_reference(&x, &w, m, k, n, &mut want);
+            matmul_reference(&x, &w, m, k, n, &mut want);
             let mut y = y0.clone();
             matmul_panels(&x, m, &Panels::pack(&w, k, n), &mut y);
             for (a, b) in y.iter().zip(&want) {

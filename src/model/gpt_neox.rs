@@ -321,6 +321,15 @@ impl Layer {
         })
     }
 
+    fn linears(&self) -> [&Linear; 4] {
+        [
+            &self.query_key_value,
+            &self.dense,
+            &self.dense_h_to_4h,
+            &self.dense_4h_to_h,
+        ]
+    }
+
     fn linears_mut(&mut self) -> [&mut Linear; 4] {
         [
             &mut self.query_key_value,
@@ -527,32 +536,14 @@ impl NeoX {
             .reshape((b * t, nh * hd))?)
     }
     /// A new, empty KV cache for one sequence of up to `capacity` positions.
-    /// Packs every layer's weights for CPU float32 inference ([`Linear::pack`]).
-    pub fn pack(&mut self) -> Result<()> {
-        for l in &mut self.layers {
-            for lin in l.linears_mut() {
-                lin.pack()?;
-            }
-        }
-        Ok(())
+    /// Every layer's linear layers, in order.
+    pub fn linears(&self) -> impl Iterator<Item = &Linear> {
+        self.layers.iter().flat_map(Layer::linears)
     }
 
-    /// Bytes of the packed copies ([`NeoX::pack`]).
-    pub fn packed_bytes(&self) -> usize {
-        self.layers
-            .iter()
-            .map(|l| {
-                [
-                    &l.query_key_value,
-                    &l.dense,
-                    &l.dense_h_to_4h,
-                    &l.dense_4h_to_h,
-                ]
-                .iter()
-                .map(|x| x.packed_bytes())
-                .sum::<usize>()
-            })
-            .sum()
+    /// [`NeoX::linears`], mutable.
+    pub fn linears_mut(&mut self) -> impl Iterator<Item = &mut Linear> {
+        self.layers.iter_mut().flat_map(Layer::linears_mut)
     }
 
     pub fn new_cache(&self, capacity: usize) -> KvCache {

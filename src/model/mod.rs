@@ -17,6 +17,7 @@ pub mod vanilla;
 use crate::config::ModelConfig;
 use crate::error::Result;
 use candle_core::{DType, Device, Tensor};
+use gpt_neox::Linear;
 use rand::SeedableRng;
 use rand_distr::{Distribution, Normal};
 
@@ -237,10 +238,7 @@ impl Model {
                 "q8_0 quantizes a float32 model (use --dtype f32)",
             ));
         }
-        match &mut self.arch {
-            Arch::Block(bt) => bt.token_decoder.embed_out.quantize_q8_0(),
-            Arch::Vanilla(v) => v.embed_out.quantize_q8_0(),
-        }
+        self.lm_head_mut().quantize_q8_0()
     }
 
     /// Packs the weights of every decoder layer and the LM head for CPU float32 inference
@@ -248,38 +246,19 @@ impl Model {
     /// address order. Other devices and dtypes, and a quantized LM head, are left as they are;
     /// the stored parameters (and saved checkpoints) are unchanged.
     pub fn pack_for_host(&mut self) -> Result<()> {
-        match &mut self.arch {
-            Arch::Block(bt) => {
-                bt.block_decoder.stack.pack()?;
-                bt.token_decoder.stack.pack()?;
-                bt.token_decoder.embed_out.pack()
-            }
-            Arch::Vanilla(v) => {
-                v.stack.pack()?;
-                v.embed_out.pack()
-            }
-        }
+        self.decode_linears_mut()
+            .into_iter()
+            .try_for_each(Linear::pack)
     }
 
     /// Bytes of the packed copies ([`Model::pack_for_host`]).
     pub fn packed_bytes(&self) -> usize {
-        match &self.arch {
-            Arch::Block(bt) => {
-                bt.block_decoder.stack.packed_bytes()
-                    + bt.token_decoder.stack.packed_bytes()
-                    + bt.token_decoder.embed_out.packed_bytes()
-            }
-            Arch::Vanilla(v) => v.stack.packed_bytes() + v.embed_out.packed_bytes(),
-        }
+        self.decode_linears().iter().map(|l| l.packed_bytes()).sum()
     }
 
     /// Bytes of the quantized copies held for inference (the `q8_0` LM head).
     pub fn quantized_bytes(&self) -> usize {
-        let head = match &self.arch {
-            Arch::Block(bt) => &bt.token_decoder.embed_out,
-            Arch::Vanilla(v) => &v.embed_out,
-        };
-        match &head.quantized {
+        match &self.lm_head().quantized {
             Some(candle_core::quantized::QMatMul::QTensor(q)) => q.storage_size_in_bytes(),
             _ => 0,
         }
@@ -287,13 +266,52 @@ impl Model {
 
     /// Bytes per LM-head weight as held for inference (`q8_0`: 34 bytes per block of 32).
     pub fn lm_head_bytes_per_weight(&self) -> f64 {
-        let head = match &self.arch {
-            Arch::Block(bt) => &bt.token_decoder.embed_out,
-            Arch::Vanilla(v) => &v.embed_out,
-        };
-        match head.quantized {
+        match self.lm_head().quantized {
             Some(_) => 34.0 / 32.0,
             None => self.dtype().size_in_bytes() as f64,
+        }
+    }
+
+    fn lm_head(&self) -> &Linear {
+        match &self.arch {
+            Arch::Block(bt) => &bt.token_decoder.embed_out,
+            Arch::Vanilla(v) => &v.embed_out,
+        }
+    }
+
+    fn lm_head_mut(&mut self) -> &mut Linear {
+        match &mut self.arch {
+            Arch::Block(bt) => &mut bt.token_decoder.embed_out,
+            Arch::Vanilla(v) => &mut v.embed_out,
+        }
+    }
+
+    /// The linear layers decoding multiplies by: every decoder layer's, then the LM head.
+    fn decode_linears(&self) -> Vec<&Linear> {
+        let mut out: Vec<&Linear> = match &self.arch {
+            Arch::Block(bt) => bt
+                .block_decoder
+                .stack
+                .linears()
+                .chain(bt.token_decoder.stack.linears())
+                .collect(),
+            Arch::Vanilla(v) => v.stack.linears().collect(),
+        };
+        out.push(self.lm_head());
+        out
+    }
+
+    /// [`Model::decode_linears`], mutable.
+    fn decode_linears_mut(&mut self) -> Vec<&mut Linear> {
+        match &mut self.arch {
+            Arch::Block(bt) => bt
+                .block_decoder
+                .stack
+                .linears_mut()
+                .chain(bt.token_decoder.stack.linears_mut())
+                .chain([&mut bt.token_decoder.embed_out])
+                .collect(),
+            Arch::Vanilla(v) => v.stack.linears_mut().chain([&mut v.embed_out]).collect(),
         }
     }
 
