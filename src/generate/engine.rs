@@ -174,6 +174,9 @@ pub struct Engine {
     /// Tensor path: the main stack's pool and the token decoder's (block models), created at
     /// the first step.
     pools: Option<(Arc<KvPool>, Option<Arc<KvPool>>)>,
+    /// Host path: caches of finished rows kept for the next rows (at most `max_batch`), so a
+    /// long-running engine touches fresh memory only when it grows.
+    spare: Vec<(KvCache, Option<KvCache>)>,
 }
 
 impl Engine {
@@ -190,6 +193,7 @@ impl Engine {
             next_id: 0,
             stats: EngineStats::default(),
             pools: None,
+            spare: Vec::new(),
         }
     }
 
@@ -252,7 +256,7 @@ impl Engine {
     }
 
     /// Gives an admitted row its caches.
-    fn allocate(&self, s: &mut Seq) -> Result<()> {
+    fn allocate(&mut self, s: &mut Seq) -> Result<()> {
         if let Some((main, td)) = &self.pools {
             if s.cache_len > main.capacity {
                 return Err(Error::input(
@@ -271,6 +275,10 @@ impl Engine {
             }
             return Ok(());
         }
+        if let Some((cache, td)) = self.take_spare(s.cache_len) {
+            (s.cache, s.td_cache) = (cache, td);
+            return Ok(());
+        }
         match &self.model.arch {
             Arch::Block(bt) => {
                 s.cache = bt
@@ -284,6 +292,32 @@ impl Engine {
             }
         }
         Ok(())
+    }
+
+    /// A spare cache holding `need` positions without wasting more than half of itself
+    /// (the smallest such), emptied.
+    fn take_spare(&mut self, need: usize) -> Option<(KvCache, Option<KvCache>)> {
+        let i = (0..self.spare.len())
+            .filter(|&i| (need..=2 * need.max(1)).contains(&self.spare[i].0.capacity))
+            .min_by_key(|&i| self.spare[i].0.capacity)?;
+        let (mut cache, mut td) = self.spare.swap_remove(i);
+        cache.clear();
+        if let Some(td) = &mut td {
+            td.clear();
+        }
+        Some((cache, td))
+    }
+
+    /// Keeps the host caches of a row that left the batch for later rows.
+    fn recycle(&mut self, s: &mut Seq) {
+        let cache = std::mem::replace(&mut s.cache, KvCache::new(0, 0, 0, 0));
+        if cache.slot().is_some() || cache.capacity == 0 {
+            return; // pool slots go back to their pool when dropped
+        }
+        if self.spare.len() >= self.opts.max_batch {
+            self.spare.remove(0);
+        }
+        self.spare.push((cache, s.td_cache.take()));
     }
 
     /// Time spent so far, by part.
@@ -467,7 +501,8 @@ impl Engine {
     /// Stops a request; its slot is free at the next step.
     pub fn cancel(&mut self, id: SeqId) -> bool {
         let found = if let Some(i) = self.running.iter().position(|s| s.id == id) {
-            self.running.remove(i);
+            let mut s = self.running.remove(i);
+            self.recycle(&mut s);
             true
         } else if let Some(i) = self.waiting.iter().position(|s| s.id == id) {
             self.waiting.remove(i);
@@ -536,7 +571,13 @@ impl Engine {
             .filter(|e| e.finished.is_some())
             .map(|e| e.id)
             .collect();
-        self.running.retain(|s| !finished.contains(&s.id));
+        let done: Vec<Seq> = self
+            .running
+            .extract_if(.., |s| finished.contains(&s.id))
+            .collect();
+        for mut s in done {
+            self.recycle(&mut s);
+        }
         events.append(&mut new);
         Ok(events)
     }

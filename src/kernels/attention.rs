@@ -215,12 +215,12 @@ impl KvCache {
         let n = layers * heads * capacity * head_dim;
         let store = match dtype {
             KvDtype::F32 => KvStore::F32 {
-                k: vec![0.0; n],
-                v: vec![0.0; n],
+                k: super::zeroed(n, 0.0),
+                v: super::zeroed(n, 0.0),
             },
             KvDtype::F16 => KvStore::F16 {
-                k: vec![f16::ZERO; n],
-                v: vec![f16::ZERO; n],
+                k: super::zeroed(n, f16::ZERO),
+                v: super::zeroed(n, f16::ZERO),
             },
         };
         KvCache {

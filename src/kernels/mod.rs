@@ -21,3 +21,32 @@ impl OutPtr {
         self.0
     }
 }
+
+/// A buffer of `n` copies of `zero`. Large buffers first ask Linux for transparent huge pages:
+/// on first touch a 2 MiB page faults in several times faster per byte than 4 KiB pages
+/// (KV caches and prompt activations are touched fresh by every request).
+pub fn zeroed<T: Copy>(n: usize, zero: T) -> Vec<T> {
+    let mut v = Vec::with_capacity(n);
+    advise_huge_pages(v.as_mut_ptr() as usize, n * std::mem::size_of::<T>());
+    v.resize(n, zero);
+    v
+}
+
+#[cfg(target_os = "linux")]
+fn advise_huge_pages(addr: usize, bytes: usize) {
+    const PAGE: usize = 4096;
+    const HUGE: usize = 2 << 20;
+    if bytes < 2 * HUGE {
+        return;
+    }
+    let start = addr.next_multiple_of(PAGE);
+    let end = (addr + bytes) & !(PAGE - 1);
+    // SAFETY: the range lies inside an allocation this process owns and has not touched yet;
+    // the advice only changes how its pages are backed, never their contents.
+    unsafe {
+        libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE);
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn advise_huge_pages(_addr: usize, _bytes: usize) {}

@@ -24,7 +24,7 @@ use crate::kernels::attention::{self, KvCache, KvDtype, Rotary, RowSpec};
 use crate::kernels::kv_pool::{self, KvPool, PoolStep};
 use crate::kernels::panel::{self, Panels};
 use crate::kernels::train_attention::CausalAttentionOp;
-use crate::kernels::{matmul, ops};
+use crate::kernels::{matmul, ops, zeroed};
 use candle_core::{DType, Device, Tensor, D};
 use std::sync::Arc;
 
@@ -607,12 +607,13 @@ impl NeoX {
         let f = self.cfg.intermediate_size;
         let eps = self.cfg.layer_norm_eps as f32;
         let exact_gelu = self.cfg.hidden_act == "gelu";
-        let mut h: Vec<f32> = x.flatten_all()?.to_vec1()?; // residual stream [N, W]
-        let mut a = vec![0f32; n * w]; // LayerNorm output
-        let mut qkv = vec![0f32; n * 3 * w];
-        let mut o = vec![0f32; n * w]; // attention output
-        let mut m = vec![0f32; n * f]; // MLP hidden
-                                       // Long fresh prompts take the matmul path for attention.
+        let mut h = zeroed(n * w, 0f32); // residual stream [N, W]
+        h.copy_from_slice(HostView::new(&x.contiguous()?)?.get());
+        let mut a = zeroed(n * w, 0f32); // LayerNorm output
+        let mut qkv = zeroed(n * 3 * w, 0f32);
+        let mut o = zeroed(n * w, 0f32); // attention output
+        let mut m = zeroed(n * f, 0f32); // MLP hidden
+                                         // Long fresh prompts take the matmul path for attention.
         let dense: Vec<bool> = rows
             .iter()
             .zip(caches.iter())
