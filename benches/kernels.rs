@@ -159,40 +159,5 @@ fn main() {
         );
     }
 
-    // Batched decode attention: 64 rows, 8 heads x 64, context 1024 (K+V = 268 MB).
-    let (rows, heads, hd, ctx) = (64usize, 8usize, 64usize, 1024usize);
-    let w = heads * hd;
-    let rot = Rotary::new(16, 10000.0, 2048);
-    let mut caches: Vec<KvCache> = (0..rows)
-        .map(|_| KvCache::new(1, heads, hd, ctx + 1))
-        .collect();
-    let specs = vec![RowSpec::arange(1, ctx); rows];
-    for c in caches.iter_mut() {
-        // Fill the caches (values do not matter for timing).
-        let prefill = vec![0.01f32; ctx * 3 * w];
-        let mut out = vec![0f32; ctx * w];
-        cached_attention(
-            &prefill,
-            &mut out,
-            &[RowSpec::arange(ctx, 0)],
-            &mut [c],
-            0,
-            &rot,
-            heads,
-            hd,
-        );
-        blockformer::kernels::attention::commit(&[RowSpec::arange(ctx, 0)], &mut [c]);
-    }
-    let qkv = vec![0.02f32; rows * 3 * w];
-    let mut out = vec![0f32; rows * w];
-    let t = time(20, || {
-        let mut refs: Vec<&mut KvCache> = caches.iter_mut().collect();
-        cached_attention(&qkv, &mut out, &specs, &mut refs, 0, &rot, heads, hd);
-    });
-    let bytes = (rows * heads * ctx * hd * 2 * 4) as f64;
-    println!(
-        "decode attention 64 rows x 8 heads x 64, ctx 1024: {:.2} ms, {:.1} GB/s of K+V",
-        t * 1e3,
-        bytes / t / 1e9
-    );
+    decode_attention();
 }
