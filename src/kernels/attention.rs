@@ -6,7 +6,7 @@
 //! attends causally over the cache with a single-pass online softmax. Work is spread over
 //! (row, head) pairs with rayon; nothing is allocated in proportion to the context.
 
-use super::matmul::gemm_strided;
+use super::panel::{matmul_panels_serial, Panels};
 use super::OutPtr;
 use candle_core::{DType, Device, Tensor};
 use half::f16;
@@ -494,9 +494,11 @@ thread_local! {
 /// Causal attention of a fresh prompt (`n` positions, cache empty before this call) with
 /// matmuls: `q` holds the rotated queries `[n, heads * hd]` (as left by
 /// [`cached_attention_split`]) and is overwritten with the attention output; keys and values
-/// come from the cache. Tasks are (head, tile of [`DENSE_TILE`] queries), in parallel: scores
-/// `Q K^T` of the tile against the keys up to its last query, masked unnormalized softmax,
-/// `P V`, and the division by the row sums. Same result as the online kernel, at matmul speed.
+/// come from the cache. Each head's keys (transposed) and values are packed once into column
+/// panels; then tasks (head, tile of [`DENSE_TILE`] queries) run in parallel: scores `Q K^T`
+/// of the tile against the keys up to its last query, masked unnormalized softmax, `P V`, and
+/// the division by the row sums, with the panel kernel. Same result as the online kernel, at
+/// matmul speed.
 pub fn prefill_dense(
     q: &mut [f32],
     cache: &KvCache,
@@ -517,6 +519,18 @@ pub fn prefill_dense(
         }
         KvStore::Slot(_) => candle_core::bail!("pool caches take the tensor path"),
     };
+    // Per head: K^T as [hd, n] panels of 32 keys, V as [n, hd] panels of 32 dims.
+    let packed: Vec<(Panels, Panels)> = (0..h)
+        .into_par_iter()
+        .map(|head| {
+            let kh = &k[head * cap * hd..head * cap * hd + n * hd];
+            let vh = &v[head * cap * hd..head * cap * hd + n * hd];
+            (
+                Panels::from_fn(hd, n, |d, j| kh[j * hd + d]),
+                Panels::from_fn(n, hd, |j, d| vh[j * hd + d]),
+            )
+        })
+        .collect();
     let scale = 1.0 / (hd as f32).sqrt();
     let tiles = n.div_ceil(DENSE_TILE);
     let qp = OutPtr(q.as_mut_ptr());
@@ -525,8 +539,7 @@ pub fn prefill_dense(
         let (tile, head) = (tiles - 1 - t / h, t % h);
         let (a, b) = (tile * DENSE_TILE, ((tile + 1) * DENSE_TILE).min(n));
         let rows = b - a;
-        let kh = &k[head * cap * hd..head * cap * hd + b * hd]; // keys 0..b, [b, hd]
-        let vh = &v[head * cap * hd..head * cap * hd + b * hd];
+        let (kt, vp) = &packed[head];
         DENSE_SCRATCH.with(|cell| {
             let mut buf = cell.borrow_mut();
             buf.resize(rows * (2 * hd + b), 0.0);
@@ -537,24 +550,20 @@ pub fn prefill_dense(
                 let src = unsafe {
                     std::slice::from_raw_parts(qp.get().add((a + i) * w + head * hd), hd)
                 };
-                qt[i * hd..(i + 1) * hd].copy_from_slice(src);
+                for (d, s) in qt[i * hd..(i + 1) * hd].iter_mut().zip(src) {
+                    *d = s * scale;
+                }
             }
             let scores = &mut scores[..rows * b];
-            gemm_strided(
-                (rows, hd, b),
-                scores,
-                qt,
-                (hd, 1),
-                kh,
-                (1, hd),
-                scale,
-                false,
-            );
+            scores.fill(0.0);
+            matmul_panels_serial(qt, rows, hd, kt, b, scores, b);
             let mut inv = [0f32; DENSE_TILE];
             for (i, row) in scores.chunks_exact_mut(b).enumerate() {
                 inv[i] = 1.0 / super::ops::softmax_unnormalized(row, a + i + 1);
             }
-            gemm_strided((rows, b, hd), out, scores, (b, 1), vh, (hd, 1), 1.0, false);
+            let out = &mut out[..rows * hd];
+            out.fill(0.0);
+            matmul_panels_serial(scores, rows, b, vp, hd, out, hd);
             for i in 0..rows {
                 // SAFETY: as above.
                 let dst = unsafe {

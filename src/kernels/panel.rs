@@ -39,6 +39,21 @@ impl Panels {
         Self::build(k, n, |kk, j| w[kk * n + j])
     }
 
+    /// Packs the `[K, N]` matrix whose entry `(kk, j)` is `at(kk, j)`, on the calling thread
+    /// (for small matrices packed inside parallel tasks, e.g. a head's keys, transposed).
+    pub fn from_fn(k: usize, n: usize, at: impl Fn(usize, usize) -> f32) -> Self {
+        let panels = n.div_ceil(PANEL);
+        let mut data = vec![0f32; panels * k * PANEL];
+        for (p, panel) in data.chunks_mut(k * PANEL).enumerate() {
+            for kk in 0..k {
+                for c in 0..PANEL.min(n - p * PANEL) {
+                    panel[kk * PANEL + c] = at(kk, p * PANEL + c);
+                }
+            }
+        }
+        Self { k, n, data }
+    }
+
     fn build(k: usize, n: usize, at: impl Fn(usize, usize) -> f32 + Sync) -> Self {
         let panels = n.div_ceil(PANEL);
         let mut data = vec![0f32; panels * k * PANEL];
@@ -101,11 +116,7 @@ pub fn matmul_panels(x: &[f32], m: usize, w: &Panels, y: &mut [f32]) {
         let (m0, m1) = (b * mb, ((b + 1) * mb).min(m));
         for p in run * per..((run + 1) * per).min(panels) {
             let cols = PANEL.min(n - p * PANEL);
-            // Tiles of equal height (16 rows: 8 + 8 rather than 12 + 4).
-            let tiles = (m1 - m0).div_ceil(TILE_ROWS);
-            for t in 0..tiles {
-                let r0 = m0 + t * (m1 - m0) / tiles;
-                let rows = m0 + (t + 1) * (m1 - m0) / tiles - r0;
+            for (r0, rows) in row_tiles(m0, m1) {
                 // SAFETY: panel p owns output columns [p * PANEL, p * PANEL + cols) of rows
                 // m0..m1; `y` outlives the loop and has m * n elements.
                 unsafe {
@@ -122,6 +133,53 @@ pub fn matmul_panels(x: &[f32], m: usize, w: &Panels, y: &mut [f32]) {
             }
         }
     });
+}
+
+/// `y[m, ..cols] += x[m, k] · W[..k, ..cols]` on the calling thread, over the leading `k` rows
+/// and `cols` columns of `w` (`x` has row stride `k`, `y` row stride `ldy`).
+pub fn matmul_panels_serial(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: &Panels,
+    cols: usize,
+    y: &mut [f32],
+    ldy: usize,
+) {
+    assert!(k <= w.k && cols <= w.n && ldy >= cols, "panel sub-matrix");
+    assert!(x.len() >= m * k, "x shape");
+    if m == 0 || cols == 0 {
+        return;
+    }
+    assert!(y.len() >= (m - 1) * ldy + cols, "y shape");
+    for p in 0..cols.div_ceil(PANEL) {
+        let c = PANEL.min(cols - p * PANEL);
+        for (r0, rows) in row_tiles(0, m) {
+            // SAFETY: rows r0..r0+rows, columns [p * PANEL, p * PANEL + c) lie inside `y`
+            // (checked above).
+            unsafe {
+                tile(
+                    &x[r0 * k..(r0 + rows) * k],
+                    rows,
+                    k,
+                    w.panel(p),
+                    y.as_mut_ptr().add(r0 * ldy + p * PANEL),
+                    ldy,
+                    c,
+                )
+            }
+        }
+    }
+}
+
+/// Rows `m0..m1` as register tiles of equal height, at most [`TILE_ROWS`] (16 rows: 8 + 8
+/// rather than 12 + 4): `(first row, rows)`.
+fn row_tiles(m0: usize, m1: usize) -> impl Iterator<Item = (usize, usize)> {
+    let tiles = (m1 - m0).div_ceil(TILE_ROWS);
+    (0..tiles).map(move |t| {
+        let r0 = m0 + t * (m1 - m0) / tiles;
+        (r0, m0 + (t + 1) * (m1 - m0) / tiles - r0)
+    })
 }
 
 /// One register tile: `rows` rows of `x` against one panel, added into `y` (row stride `ldy`,
@@ -266,6 +324,24 @@ mod tests {
                 assert!(
                     (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
                     "{m}x{k}x{n}: {a} vs {b}"
+                );
+            }
+            // The serial kernel on a leading sub-matrix, packed from a function.
+            let (ks, ns) = (k.div_ceil(2), n - n / 3);
+            let sub: Vec<f32> = (0..ks * ns).map(|i| w[i / ns * n + i % ns]).collect();
+            let xs: Vec<f32> = (0..m * ks).map(|i| x[i / ks * k + i % ks]).collect();
+            let mut want = y0.clone();
+            for r in 0..m {
+                let (xr, yr) = (&xs[r * ks..(r + 1) * ks], &mut want[r * n..r * n + ns]);
+                matmul_reference(xr, &sub, 1, ks, ns, yr);
+            }
+            let mut y = y0.clone();
+            let packed = Panels::from_fn(k, n, |kk, j| w[kk * n + j]);
+            matmul_panels_serial(&xs, m, ks, &packed, ns, &mut y, n);
+            for (i, (a, b)) in y.iter().zip(&want).enumerate() {
+                assert!(
+                    (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                    "serial {m}x{ks}x{ns} at {i}: {a} vs {b}"
                 );
             }
         }
