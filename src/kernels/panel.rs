@@ -116,21 +116,9 @@ pub fn matmul_panels(x: &[f32], m: usize, w: &Panels, y: &mut [f32]) {
         let (m0, m1) = (b * mb, ((b + 1) * mb).min(m));
         for p in run * per..((run + 1) * per).min(panels) {
             let cols = PANEL.min(n - p * PANEL);
-            for (r0, rows) in row_tiles(m0, m1) {
-                // SAFETY: panel p owns output columns [p * PANEL, p * PANEL + cols) of rows
-                // m0..m1; `y` outlives the loop and has m * n elements.
-                unsafe {
-                    tile(
-                        &x[r0 * k..(r0 + rows) * k],
-                        rows,
-                        k,
-                        w.panel(p),
-                        out.get().add(r0 * n + p * PANEL),
-                        n,
-                        cols,
-                    )
-                }
-            }
+            // SAFETY: panel p owns output columns [p * PANEL, p * PANEL + cols) of rows
+            // m0..m1; `y` outlives the loop and has m * n elements.
+            unsafe { panel_rows(x, k, w.panel(p), m0..m1, out.get().add(p * PANEL), n, cols) }
         }
     });
 }
@@ -154,21 +142,46 @@ pub fn matmul_panels_serial(
     assert!(y.len() >= (m - 1) * ldy + cols, "y shape");
     for p in 0..cols.div_ceil(PANEL) {
         let c = PANEL.min(cols - p * PANEL);
-        for (r0, rows) in row_tiles(0, m) {
-            // SAFETY: rows r0..r0+rows, columns [p * PANEL, p * PANEL + c) lie inside `y`
-            // (checked above).
-            unsafe {
-                tile(
-                    &x[r0 * k..(r0 + rows) * k],
-                    rows,
-                    k,
-                    w.panel(p),
-                    y.as_mut_ptr().add(r0 * ldy + p * PANEL),
-                    ldy,
-                    c,
-                )
-            }
+        // SAFETY: rows 0..m, columns [p * PANEL, p * PANEL + c) lie inside `y` (checked above).
+        unsafe {
+            panel_rows(
+                x,
+                k,
+                w.panel(p),
+                0..m,
+                y.as_mut_ptr().add(p * PANEL),
+                ldy,
+                c,
+            )
         }
+    }
+}
+
+/// Rows `rows` of `x` (row stride `k`) against one panel, added into `y` (which points at
+/// the panel's first column of row 0; row stride `ldy`, `cols` valid columns), a register
+/// tile at a time.
+///
+/// # Safety
+/// `y` must be valid for rows `rows` of `cols` floats at stride `ldy`.
+unsafe fn panel_rows(
+    x: &[f32],
+    k: usize,
+    panel: &[f32],
+    rows: std::ops::Range<usize>,
+    y: *mut f32,
+    ldy: usize,
+    cols: usize,
+) {
+    for (r0, n) in row_tiles(rows.start, rows.end) {
+        tile(
+            &x[r0 * k..(r0 + n) * k],
+            n,
+            k,
+            panel,
+            y.add(r0 * ldy),
+            ldy,
+            cols,
+        )
     }
 }
 
