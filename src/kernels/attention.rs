@@ -603,6 +603,13 @@ pub fn attend_online<E: KvElem>(q: &[f32], keys: &[E], values: &[E], scale: f32,
     attend_generic(q, keys, values, scale, out)
 }
 
+/// Keys per chunk of [`attend_avx512`]: one vector of scores.
+#[cfg(target_arch = "x86_64")]
+const CHUNK: usize = 16;
+
+/// The online softmax a chunk of 16 keys at a time: 16 scores, one running-maximum update,
+/// one vector `exp`, then the weighted values (head dims a multiple of 16; others take the
+/// per-key loop).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512vl,fma")]
 unsafe fn attend_avx512<E: KvElem>(
@@ -612,7 +619,63 @@ unsafe fn attend_avx512<E: KvElem>(
     scale: f32,
     out: &mut [f32],
 ) {
-    attend_generic(q, keys, values, scale, out)
+    use std::arch::x86_64::*;
+    let hd = q.len();
+    if !hd.is_multiple_of(16) {
+        return attend_generic(q, keys, values, scale, out);
+    }
+    let nv = hd / 16;
+    let mut qv = [_mm512_setzero_ps(); MAX_HEAD_DIM / 16];
+    for (i, v) in qv[..nv].iter_mut().enumerate() {
+        *v = _mm512_mul_ps(
+            _mm512_loadu_ps(q.as_ptr().add(16 * i)),
+            _mm512_set1_ps(scale),
+        );
+    }
+    let mut acc = [_mm512_setzero_ps(); MAX_HEAD_DIM / 16];
+    let (mut kb, mut vb) = ([0f32; MAX_HEAD_DIM], [0f32; MAX_HEAD_DIM]);
+    let (mut m, mut l) = (f32::NEG_INFINITY, 0f32);
+    let mut s = [0f32; CHUNK];
+    let t = keys.len() / hd;
+    for c0 in (0..t).step_by(CHUNK) {
+        let c = CHUNK.min(t - c0);
+        for (j, sj) in s[..c].iter_mut().enumerate() {
+            let k = E::view(&keys[(c0 + j) * hd..(c0 + j + 1) * hd], &mut kb[..hd]).as_ptr();
+            let mut d = _mm512_mul_ps(qv[0], _mm512_loadu_ps(k));
+            for (i, qi) in qv[1..nv].iter().enumerate() {
+                d = _mm512_fmadd_ps(*qi, _mm512_loadu_ps(k.add(16 * (i + 1))), d);
+            }
+            *sj = _mm512_reduce_add_ps(d);
+        }
+        let live: __mmask16 = if c == CHUNK { 0xffff } else { (1u16 << c) - 1 };
+        let sv = _mm512_maskz_loadu_ps(live, s.as_ptr());
+        let cmax = _mm512_mask_reduce_max_ps(live, sv);
+        if cmax > m {
+            let corr = (m - cmax).exp();
+            l *= corr;
+            for a in acc[..nv].iter_mut() {
+                *a = _mm512_mul_ps(*a, _mm512_set1_ps(corr));
+            }
+            m = cmax;
+        }
+        let p = _mm512_maskz_mov_ps(
+            live,
+            super::ops::exp16(_mm512_sub_ps(sv, _mm512_set1_ps(m))),
+        );
+        l += _mm512_reduce_add_ps(p);
+        _mm512_storeu_ps(s.as_mut_ptr(), p);
+        for (j, &pj) in s[..c].iter().enumerate() {
+            let v = E::view(&values[(c0 + j) * hd..(c0 + j + 1) * hd], &mut vb[..hd]).as_ptr();
+            let pb = _mm512_set1_ps(pj);
+            for (i, a) in acc[..nv].iter_mut().enumerate() {
+                *a = _mm512_fmadd_ps(pb, _mm512_loadu_ps(v.add(16 * i)), *a);
+            }
+        }
+    }
+    let inv = _mm512_set1_ps(1.0 / l);
+    for (i, a) in acc[..nv].iter().enumerate() {
+        _mm512_storeu_ps(out.as_mut_ptr().add(16 * i), _mm512_mul_ps(*a, inv));
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -700,7 +763,15 @@ mod tests {
     #[test]
     fn online_softmax_matches_reference() {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
-        for (t, hd) in [(1, 8), (7, 16), (100, 64), (33, 256)] {
+        for (t, hd) in [
+            (1, 8),
+            (7, 16),
+            (100, 64),
+            (33, 256),
+            (16, 32),
+            (17, 32),
+            (300, 48),
+        ] {
             let q = rand_vec(&mut rng, hd);
             let k = rand_vec(&mut rng, t * hd);
             let v = rand_vec(&mut rng, t * hd);
