@@ -89,9 +89,31 @@ impl Panels {
 
 /// `y += x W`: `x` is `[m, K]`, `y` is `[m, N]`, both row-major.
 pub fn matmul_panels(x: &[f32], m: usize, w: &Panels, y: &mut [f32]) {
+    assert_eq!(y.len(), m * w.n, "y shape");
+    // SAFETY: y holds m * n floats.
+    unsafe { run(x, m, w, y.as_mut_ptr(), true) }
+}
+
+/// `x W` into a new `[m, N]` buffer, written once without a zero-fill first (the LM head's
+/// logits: megabytes per step).
+pub fn matmul_panels_new(x: &[f32], m: usize, w: &Panels) -> Vec<f32> {
+    let mut y = Vec::with_capacity(m * w.n);
+    // SAFETY: the buffer has room for m * n floats; `run` stores every one of them (each
+    // panel's valid columns of every row), so the length can then cover them.
+    unsafe {
+        run(x, m, w, y.as_mut_ptr(), false);
+        y.set_len(m * w.n);
+    }
+    y
+}
+
+/// [`matmul_panels`] into `y` (`m * N` floats), adding to it when `acc`, else storing.
+///
+/// # Safety
+/// `y` must be valid for writes of `m * N` floats (and reads, when `acc`).
+unsafe fn run(x: &[f32], m: usize, w: &Panels, y: *mut f32, acc: bool) {
     let (k, n) = (w.k, w.n);
     assert_eq!(x.len(), m * k, "x shape");
-    assert_eq!(y.len(), m * n, "y shape");
     if m == 0 || n == 0 {
         return;
     }
@@ -110,7 +132,7 @@ pub fn matmul_panels(x: &[f32], m: usize, w: &Panels, y: &mut [f32]) {
         .max(1);
     let per = panels.div_ceil(runs);
     let runs = panels.div_ceil(per);
-    let out = OutPtr(y.as_mut_ptr());
+    let out = OutPtr(y);
     (0..mblocks * runs).into_par_iter().for_each(|t| {
         let (b, run) = (t / runs, t % runs);
         let (m0, m1) = (b * mb, ((b + 1) * mb).min(m));
@@ -118,7 +140,18 @@ pub fn matmul_panels(x: &[f32], m: usize, w: &Panels, y: &mut [f32]) {
             let cols = PANEL.min(n - p * PANEL);
             // SAFETY: panel p owns output columns [p * PANEL, p * PANEL + cols) of rows
             // m0..m1; `y` outlives the loop and has m * n elements.
-            unsafe { panel_rows(x, k, w.panel(p), m0..m1, out.get().add(p * PANEL), n, cols) }
+            unsafe {
+                panel_rows(
+                    x,
+                    k,
+                    w.panel(p),
+                    m0..m1,
+                    out.get().add(p * PANEL),
+                    n,
+                    cols,
+                    acc,
+                )
+            }
         }
     });
 }
@@ -152,17 +185,19 @@ pub fn matmul_panels_serial(
                 y.as_mut_ptr().add(p * PANEL),
                 ldy,
                 c,
+                true,
             )
         }
     }
 }
 
-/// Rows `rows` of `x` (row stride `k`) against one panel, added into `y` (which points at
-/// the panel's first column of row 0; row stride `ldy`, `cols` valid columns), a register
-/// tile at a time.
+/// Rows `rows` of `x` (row stride `k`) against one panel, added into (`acc`) or stored to `y`
+/// (which points at the panel's first column of row 0; row stride `ldy`, `cols` valid
+/// columns), a register tile at a time.
 ///
 /// # Safety
 /// `y` must be valid for rows `rows` of `cols` floats at stride `ldy`.
+#[allow(clippy::too_many_arguments)]
 unsafe fn panel_rows(
     x: &[f32],
     k: usize,
@@ -171,17 +206,11 @@ unsafe fn panel_rows(
     y: *mut f32,
     ldy: usize,
     cols: usize,
+    acc: bool,
 ) {
     for (r0, n) in row_tiles(rows.start, rows.end) {
-        tile(
-            &x[r0 * k..(r0 + n) * k],
-            n,
-            k,
-            panel,
-            y.add(r0 * ldy),
-            ldy,
-            cols,
-        )
+        let x = &x[r0 * k..(r0 + n) * k];
+        tile(x, n, k, panel, y.add(r0 * ldy), ldy, cols, acc)
     }
 }
 
@@ -200,6 +229,7 @@ fn row_tiles(m0: usize, m1: usize) -> impl Iterator<Item = (usize, usize)> {
 ///
 /// # Safety
 /// `y` must be valid for `rows` rows of `cols` floats at stride `ldy`.
+#[allow(clippy::too_many_arguments)]
 unsafe fn tile(
     x: &[f32],
     rows: usize,
@@ -208,25 +238,26 @@ unsafe fn tile(
     y: *mut f32,
     ldy: usize,
     cols: usize,
+    acc: bool,
 ) {
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx512f") {
         return match rows {
-            12 => tile_avx512::<12>(x, k, panel, y, ldy, cols),
-            11 => tile_avx512::<11>(x, k, panel, y, ldy, cols),
-            10 => tile_avx512::<10>(x, k, panel, y, ldy, cols),
-            9 => tile_avx512::<9>(x, k, panel, y, ldy, cols),
-            8 => tile_avx512::<8>(x, k, panel, y, ldy, cols),
-            7 => tile_avx512::<7>(x, k, panel, y, ldy, cols),
-            6 => tile_avx512::<6>(x, k, panel, y, ldy, cols),
-            5 => tile_avx512::<5>(x, k, panel, y, ldy, cols),
-            4 => tile_avx512::<4>(x, k, panel, y, ldy, cols),
-            3 => tile_avx512::<3>(x, k, panel, y, ldy, cols),
-            2 => tile_avx512::<2>(x, k, panel, y, ldy, cols),
-            _ => tile_avx512::<1>(x, k, panel, y, ldy, cols),
+            12 => tile_avx512::<12>(x, k, panel, y, ldy, cols, acc),
+            11 => tile_avx512::<11>(x, k, panel, y, ldy, cols, acc),
+            10 => tile_avx512::<10>(x, k, panel, y, ldy, cols, acc),
+            9 => tile_avx512::<9>(x, k, panel, y, ldy, cols, acc),
+            8 => tile_avx512::<8>(x, k, panel, y, ldy, cols, acc),
+            7 => tile_avx512::<7>(x, k, panel, y, ldy, cols, acc),
+            6 => tile_avx512::<6>(x, k, panel, y, ldy, cols, acc),
+            5 => tile_avx512::<5>(x, k, panel, y, ldy, cols, acc),
+            4 => tile_avx512::<4>(x, k, panel, y, ldy, cols, acc),
+            3 => tile_avx512::<3>(x, k, panel, y, ldy, cols, acc),
+            2 => tile_avx512::<2>(x, k, panel, y, ldy, cols, acc),
+            _ => tile_avx512::<1>(x, k, panel, y, ldy, cols, acc),
         };
     }
-    tile_generic(x, rows, k, panel, y, ldy, cols)
+    tile_generic(x, rows, k, panel, y, ldy, cols, acc)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -238,14 +269,17 @@ unsafe fn tile_avx512<const R: usize>(
     y: *mut f32,
     ldy: usize,
     cols: usize,
+    add: bool,
 ) {
     use std::arch::x86_64::*;
     debug_assert!(x.len() >= R * k && panel.len() >= k * PANEL);
     // The output lines are read at the end: start fetching them now (rows of a wide output
     // such as the LM head's logits lie in different pages, far from the cache).
     for r in 0..R {
-        _mm_prefetch::<_MM_HINT_T0>(y.add(r * ldy) as *const i8);
-        _mm_prefetch::<_MM_HINT_T0>(y.add(r * ldy + 16) as *const i8);
+        if add {
+            _mm_prefetch::<_MM_HINT_T0>(y.add(r * ldy) as *const i8);
+            _mm_prefetch::<_MM_HINT_T0>(y.add(r * ldy + 16) as *const i8);
+        }
     }
     let mut acc = [[_mm512_setzero_ps(); 2]; R];
     let (xp, wp) = (x.as_ptr(), panel.as_ptr());
@@ -276,13 +310,17 @@ unsafe fn tile_avx512<const R: usize>(
     };
     for (r, a) in acc.iter().enumerate() {
         let yr = y.add(r * ldy);
-        let v0 = _mm512_maskz_loadu_ps(m0, yr);
-        _mm512_mask_storeu_ps(yr, m0, _mm512_add_ps(v0, a[0]));
-        let v1 = _mm512_maskz_loadu_ps(m1, yr.add(16));
-        _mm512_mask_storeu_ps(yr.add(16), m1, _mm512_add_ps(v1, a[1]));
+        let (mut v0, mut v1) = (a[0], a[1]);
+        if add {
+            v0 = _mm512_add_ps(_mm512_maskz_loadu_ps(m0, yr), v0);
+            v1 = _mm512_add_ps(_mm512_maskz_loadu_ps(m1, yr.add(16)), v1);
+        }
+        _mm512_mask_storeu_ps(yr, m0, v0);
+        _mm512_mask_storeu_ps(yr.add(16), m1, v1);
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 unsafe fn tile_generic(
     x: &[f32],
     rows: usize,
@@ -291,6 +329,7 @@ unsafe fn tile_generic(
     y: *mut f32,
     ldy: usize,
     cols: usize,
+    add: bool,
 ) {
     for r in 0..rows {
         let mut acc = [0f32; PANEL];
@@ -301,7 +340,8 @@ unsafe fn tile_generic(
             }
         }
         for (c, a) in acc.iter().enumerate().take(cols) {
-            *y.add(r * ldy + c) += a;
+            let yc = y.add(r * ldy + c);
+            *yc = if add { *yc + a } else { *a };
         }
     }
 }
@@ -338,6 +378,14 @@ mod tests {
                     (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
                     "{m}x{k}x{n}: {a} vs {b}"
                 );
+            }
+            // Stored into a new buffer: x W alone.
+            let mut want = vec![0f32; m * n];
+            matmul_reference(&x, &w, m, k, n, &mut want);
+            let y = matmul_panels_new(&x, m, &Panels::pack(&w, k, n));
+            assert_eq!(y.len(), m * n);
+            for (a, b) in y.iter().zip(&want) {
+                assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "new {m}x{k}x{n}");
             }
             // The serial kernel on a leading sub-matrix, packed from a function.
             let (ks, ns) = (k.div_ceil(2), n - n / 3);

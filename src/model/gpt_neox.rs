@@ -192,6 +192,11 @@ impl Linear {
             return Ok(None);
         }
         let xv: Vec<f32> = x.flatten_all()?.to_vec1()?;
+        if let (Some(p), None) = (&self.packed, &self.bias) {
+            // The LM head: logits stored once, no zero-fill first.
+            let y = panel::matmul_panels_new(&xv, rows, p);
+            return Ok(Some(Tensor::from_vec(y, (rows, n), x.device())?));
+        }
         let mut y = match &self.bias {
             Some(b) => b.to_vec1::<f32>()?.repeat(rows),
             None => vec![0f32; rows * n],
