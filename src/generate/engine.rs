@@ -309,15 +309,14 @@ impl Engine {
     }
 
     /// Keeps the host caches of a row that left the batch for later rows.
-    fn recycle(&mut self, s: &mut Seq) {
-        let cache = std::mem::replace(&mut s.cache, KvCache::new(0, 0, 0, 0));
-        if cache.slot().is_some() || cache.capacity == 0 {
+    fn recycle(&mut self, s: Seq) {
+        if s.cache.slot().is_some() {
             return; // pool slots go back to their pool when dropped
         }
         if self.spare.len() >= self.opts.max_batch {
             self.spare.remove(0);
         }
-        self.spare.push((cache, s.td_cache.take()));
+        self.spare.push((s.cache, s.td_cache));
     }
 
     /// Time spent so far, by part.
@@ -501,8 +500,8 @@ impl Engine {
     /// Stops a request; its slot is free at the next step.
     pub fn cancel(&mut self, id: SeqId) -> bool {
         let found = if let Some(i) = self.running.iter().position(|s| s.id == id) {
-            let mut s = self.running.remove(i);
-            self.recycle(&mut s);
+            let s = self.running.remove(i);
+            self.recycle(s);
             true
         } else if let Some(i) = self.waiting.iter().position(|s| s.id == id) {
             self.waiting.remove(i);
@@ -575,8 +574,8 @@ impl Engine {
             .running
             .extract_if(.., |s| finished.contains(&s.id))
             .collect();
-        for mut s in done {
-            self.recycle(&mut s);
+        for s in done {
+            self.recycle(s);
         }
         events.append(&mut new);
         Ok(events)

@@ -555,14 +555,12 @@ pub fn prefill_dense(
                 }
             }
             let scores = &mut scores[..rows * b];
-            scores.fill(0.0);
             matmul_panels_serial(qt, rows, hd, kt, b, scores, b);
             let mut inv = [0f32; DENSE_TILE];
             for (i, row) in scores.chunks_exact_mut(b).enumerate() {
                 inv[i] = 1.0 / super::ops::softmax_unnormalized(row, a + i + 1);
             }
             let out = &mut out[..rows * hd];
-            out.fill(0.0);
             matmul_panels_serial(scores, rows, b, vp, hd, out, hd);
             for i in 0..rows {
                 // SAFETY: as above.

@@ -26,9 +26,15 @@ impl OutPtr {
 /// on first touch a 2 MiB page faults in several times faster per byte than 4 KiB pages
 /// (KV caches and prompt activations are touched fresh by every request).
 pub fn zeroed<T: Copy>(n: usize, zero: T) -> Vec<T> {
+    let mut v = with_capacity_huge(n);
+    v.resize(n, zero);
+    v
+}
+
+/// An empty buffer with room for `n` elements, on huge pages when large (see [`zeroed`]).
+pub fn with_capacity_huge<T>(n: usize) -> Vec<T> {
     let mut v = Vec::with_capacity(n);
     advise_huge_pages(v.as_mut_ptr() as usize, n * std::mem::size_of::<T>());
-    v.resize(n, zero);
     v
 }
 

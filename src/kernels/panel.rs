@@ -42,30 +42,19 @@ impl Panels {
     /// Packs the `[K, N]` matrix whose entry `(kk, j)` is `at(kk, j)`, on the calling thread
     /// (for small matrices packed inside parallel tasks, e.g. a head's keys, transposed).
     pub fn from_fn(k: usize, n: usize, at: impl Fn(usize, usize) -> f32) -> Self {
-        let panels = n.div_ceil(PANEL);
-        let mut data = vec![0f32; panels * k * PANEL];
+        let mut data = vec![0f32; n.div_ceil(PANEL) * k * PANEL];
         for (p, panel) in data.chunks_mut(k * PANEL).enumerate() {
-            for kk in 0..k {
-                for c in 0..PANEL.min(n - p * PANEL) {
-                    panel[kk * PANEL + c] = at(kk, p * PANEL + c);
-                }
-            }
+            fill_panel(panel, p, k, n, &at);
         }
         Self { k, n, data }
     }
 
+    /// [`Panels::from_fn`] with the panels filled in parallel (whole weight matrices).
     fn build(k: usize, n: usize, at: impl Fn(usize, usize) -> f32 + Sync) -> Self {
-        let panels = n.div_ceil(PANEL);
-        let mut data = vec![0f32; panels * k * PANEL];
+        let mut data = vec![0f32; n.div_ceil(PANEL) * k * PANEL];
         data.par_chunks_mut(k * PANEL)
             .enumerate()
-            .for_each(|(p, panel)| {
-                for kk in 0..k {
-                    for c in 0..PANEL.min(n - p * PANEL) {
-                        panel[kk * PANEL + c] = at(kk, p * PANEL + c);
-                    }
-                }
-            });
+            .for_each(|(p, panel)| fill_panel(panel, p, k, n, &at));
         Self { k, n, data }
     }
 
@@ -84,6 +73,16 @@ impl Panels {
 
     fn panel(&self, p: usize) -> &[f32] {
         &self.data[p * self.k * PANEL..(p + 1) * self.k * PANEL]
+    }
+}
+
+/// Panel `p` (`[k, PANEL]`, zero beyond column `n`) of the matrix whose entry `(kk, j)` is
+/// `at(kk, j)`.
+fn fill_panel(panel: &mut [f32], p: usize, k: usize, n: usize, at: impl Fn(usize, usize) -> f32) {
+    for kk in 0..k {
+        for c in 0..PANEL.min(n - p * PANEL) {
+            panel[kk * PANEL + c] = at(kk, p * PANEL + c);
+        }
     }
 }
 
@@ -156,8 +155,9 @@ unsafe fn run(x: &[f32], m: usize, w: &Panels, y: *mut f32, acc: bool) {
     });
 }
 
-/// `y[m, ..cols] += x[m, k] · W[..k, ..cols]` on the calling thread, over the leading `k` rows
-/// and `cols` columns of `w` (`x` has row stride `k`, `y` row stride `ldy`).
+/// `y[m, ..cols] = x[m, k] · W[..k, ..cols]` on the calling thread, over the leading `k` rows
+/// and `cols` columns of `w` (`x` has row stride `k`, `y` row stride `ldy`; other columns of
+/// `y` are left as they are).
 pub fn matmul_panels_serial(
     x: &[f32],
     m: usize,
@@ -185,7 +185,7 @@ pub fn matmul_panels_serial(
                 y.as_mut_ptr().add(p * PANEL),
                 ldy,
                 c,
-                true,
+                false,
             )
         }
     }
@@ -275,8 +275,8 @@ unsafe fn tile_avx512<const R: usize>(
     debug_assert!(x.len() >= R * k && panel.len() >= k * PANEL);
     // The output lines are read at the end: start fetching them now (rows of a wide output
     // such as the LM head's logits lie in different pages, far from the cache).
-    for r in 0..R {
-        if add {
+    if add {
+        for r in 0..R {
             _mm_prefetch::<_MM_HINT_T0>(y.add(r * ldy) as *const i8);
             _mm_prefetch::<_MM_HINT_T0>(y.add(r * ldy + 16) as *const i8);
         }
@@ -393,7 +393,9 @@ mod tests {
             let xs: Vec<f32> = (0..m * ks).map(|i| x[i / ks * k + i % ks]).collect();
             let mut want = y0.clone();
             for r in 0..m {
+                // The sub-matrix's columns are overwritten, the others kept.
                 let (xr, yr) = (&xs[r * ks..(r + 1) * ks], &mut want[r * n..r * n + ns]);
+                yr.fill(0.0);
                 matmul_reference(xr, &sub, 1, ks, ns, yr);
             }
             let mut y = y0.clone();

@@ -24,7 +24,7 @@ use crate::kernels::attention::{self, KvCache, KvDtype, Rotary, RowSpec};
 use crate::kernels::kv_pool::{self, KvPool, PoolStep};
 use crate::kernels::panel::{self, Panels};
 use crate::kernels::train_attention::CausalAttentionOp;
-use crate::kernels::{matmul, ops, zeroed};
+use crate::kernels::{matmul, ops, with_capacity_huge, zeroed};
 use candle_core::{DType, Device, Tensor, D};
 use std::sync::Arc;
 
@@ -192,16 +192,24 @@ impl Linear {
             return Ok(None);
         }
         let xv: Vec<f32> = x.flatten_all()?.to_vec1()?;
-        if let (Some(p), None) = (&self.packed, &self.bias) {
-            // The LM head: logits stored once, no zero-fill first.
-            let y = panel::matmul_panels_new(&xv, rows, p);
-            return Ok(Some(Tensor::from_vec(y, (rows, n), x.device())?));
-        }
-        let mut y = match &self.bias {
-            Some(b) => b.to_vec1::<f32>()?.repeat(rows),
-            None => vec![0f32; rows * n],
+        let y = match &self.packed {
+            // Packed: the product stored once (no zero-fill first), then the bias.
+            Some(p) => {
+                let mut y = panel::matmul_panels_new(&xv, rows, p);
+                if let Some(b) = &self.bias {
+                    ops::add_rows(&mut y, HostView::new(b)?.get());
+                }
+                y
+            }
+            None => {
+                let mut y = match &self.bias {
+                    Some(b) => b.to_vec1::<f32>()?.repeat(rows),
+                    None => vec![0f32; rows * n],
+                };
+                self.host_weight()?.acc(&xv, rows, &mut y);
+                y
+            }
         };
-        self.host_weight()?.acc(&xv, rows, &mut y);
         debug_assert_eq!(xv.len(), rows * k);
         Ok(Some(Tensor::from_vec(y, (rows, n), x.device())?))
     }
@@ -612,8 +620,8 @@ impl NeoX {
         let f = self.cfg.intermediate_size;
         let eps = self.cfg.layer_norm_eps as f32;
         let exact_gelu = self.cfg.hidden_act == "gelu";
-        let mut h = zeroed(n * w, 0f32); // residual stream [N, W]
-        h.copy_from_slice(HostView::new(&x.contiguous()?)?.get());
+        let mut h = with_capacity_huge(n * w); // residual stream [N, W]
+        h.extend_from_slice(HostView::new(&x.contiguous()?)?.get());
         let mut a = zeroed(n * w, 0f32); // LayerNorm output
         let mut qkv = zeroed(n * 3 * w, 0f32);
         let mut o = zeroed(n * w, 0f32); // attention output
