@@ -660,12 +660,16 @@ impl Engine {
                 break;
             }
             let tokens: Vec<u32> = active.iter().map(|&r| blocks[r][k - 1]).collect();
+            let mut is_active = vec![false; rows];
+            for &r in &active {
+                is_active[r] = true;
+            }
             let mut sub: Vec<&mut KvCache> = self
                 .running
                 .iter_mut()
-                .enumerate()
-                .filter(|(r, _)| active.contains(r))
-                .map(|(_, s)| s.td_cache.as_mut().expect("token-decoder cache"))
+                .zip(&is_active)
+                .filter(|(_, &a)| a)
+                .map(|(s, _)| s.td_cache.as_mut().expect("token-decoder cache"))
                 .collect();
             let logits = td.continue_block(&tokens, k, &mut sub, mode)?;
             self.pick(&logits, &active, &mut blocks, &mut lps, &mut hit_eos)?;

@@ -119,15 +119,30 @@ pub struct Group {
     /// `[span, 1, n_q, 1]` (u32): the last cache position each query may attend to (the mask is
     /// made on the device from it, layer by layer, instead of being uploaded whole).
     pub limit: Tensor,
+    /// `[span, 1, n_q, t]` (f32) the mask made from `limit` once for every layer, when it is
+    /// small (decode steps); large prompt groups make it layer by layer.
+    pub mask: Option<Tensor>,
 }
 
-/// A row bringing several positions (a prompt): its keys and values are copied into its slot
-/// as one block per layer.
+/// Largest mask (elements) a step keeps for all its layers.
+const SHARED_MASK_MAX: usize = 1 << 24;
+
+/// `0` where key `j <= limit` of the query, `-1e30` elsewhere: `[span, 1, n_q, t]` (f32).
+fn mask(limit: &Tensor, t: usize) -> candle_core::Result<Tensor> {
+    let keys = Tensor::arange(0u32, t as u32, limit.device())?.reshape((1, 1, 1, t))?;
+    (keys.broadcast_le(limit)?.to_dtype(DType::F32)? - 1.0)? * 1e30
+}
+
+/// Rows bringing several positions (prompts, or a block's prefix) whose keys and values are
+/// copied into their slots as one block per layer: `span` rows in consecutive slots from `lo`,
+/// each bringing `n` positions at cache position `at`, found in the step at positions
+/// `first..first + span * n` in row order (a lone row is a run of one).
 pub struct BlockWrite {
-    pub slot: usize,
+    pub lo: usize,
+    pub span: usize,
     /// Cache position of the first new entry.
     pub at: usize,
-    /// Its first new position in the step and how many.
+    /// Its first new position in the step and how many per row.
     pub first: usize,
     pub n: usize,
 }
@@ -141,7 +156,7 @@ pub struct PoolStep {
     /// `(slot * heads + h) * capacity + position` receiving head `h` of single row `s`, in
     /// `(h, s)` order, and `[S]` (u32) their positions in the step. `None` if there are none.
     pub scatter: Option<(Tensor, Tensor)>,
-    /// Rows bringing several positions.
+    /// Rows bringing several positions, in runs that are copied at once.
     pub blocks: Vec<BlockWrite>,
     pub groups: Vec<Group>,
     /// `[N]` (u32): where new position `n`'s output sits in the groups' concatenated outputs.
@@ -166,7 +181,7 @@ impl PoolStep {
         let mut cos = Vec::with_capacity(n * half);
         let mut sin = Vec::with_capacity(n * half);
         let mut first = Vec::with_capacity(rows.len());
-        let (mut singles, mut blocks) = (Vec::new(), Vec::new());
+        let (mut singles, mut blocks) = (Vec::new(), Vec::<BlockWrite>::new());
         let mut g = 0;
         for (r, spec) in rows.iter().enumerate() {
             if lens[r] + spec.n_new > cap {
@@ -183,12 +198,23 @@ impl PoolStep {
             if spec.n_new == 1 {
                 singles.push(r);
             } else if spec.n_new > 1 {
-                blocks.push(BlockWrite {
-                    slot: slots[r],
-                    at: lens[r],
-                    first: g,
-                    n: spec.n_new,
-                });
+                match blocks.last_mut() {
+                    Some(b)
+                        if b.n == spec.n_new
+                            && b.at == lens[r]
+                            && b.lo + b.span == slots[r]
+                            && b.first + b.span * b.n == g =>
+                    {
+                        b.span += 1
+                    }
+                    _ => blocks.push(BlockWrite {
+                        lo: slots[r],
+                        span: 1,
+                        at: lens[r],
+                        first: g,
+                        n: spec.n_new,
+                    }),
+                }
             }
             g += spec.n_new;
         }
@@ -258,13 +284,20 @@ impl PoolStep {
                     }
                 }
                 out_rows += span * n_q;
+                let limit = Tensor::from_vec(limit, (span, 1, n_q, 1), dev)?;
+                let mask = if span * n_q * t <= SHARED_MASK_MAX {
+                    Some(mask(&limit, t)?)
+                } else {
+                    None
+                };
                 groups.push(Group {
                     lo,
                     span,
                     n_q,
                     t,
                     q_index: Tensor::from_vec(q_index, span * n_q, dev)?,
-                    limit: Tensor::from_vec(limit, (span, 1, n_q, 1), dev)?,
+                    limit,
+                    mask,
                 });
             }
         }
@@ -304,11 +337,16 @@ pub fn pooled_attention(
             dst.reshape(flat)?.scatter_set(index, &rows, 0)?;
         }
     }
-    // Prompts: one block copy per row (no index tensor the size of the prompt).
+    // Prompts and prefixes: one block copy per run of rows in consecutive slots (no index
+    // tensor the size of the prompts).
     for b in &step.blocks {
         for (dst, src) in [(kp, k), (vp, v)] {
-            let rows = src.narrow(1, b.first, b.n)?.contiguous()?.unsqueeze(0)?; // [1, nh, n, hd]
-            dst.narrow(0, b.slot, 1)?.slice_set(&rows, 2, b.at)?;
+            let rows = src
+                .narrow(1, b.first, b.span * b.n)?
+                .reshape((nh, b.span, b.n, hd))?
+                .transpose(0, 1)?
+                .contiguous()?; // [span, nh, n, hd]
+            dst.narrow(0, b.lo, b.span)?.slice_set(&rows, 2, b.at)?;
         }
     }
     let scale = 1.0 / (hd as f64).sqrt();
@@ -323,9 +361,15 @@ pub fn pooled_attention(
         let vg = vp.narrow(0, g.lo, g.span)?.narrow(2, 0, g.t)?;
         // Scores [span, nh, n_q, t]; mask 0 where key j <= the query's limit, -1e30 elsewhere.
         let scores = qg.matmul(&kg.t()?)?.to_dtype(DType::F32)?;
-        let keys = Tensor::arange(0u32, g.t as u32, q.device())?.reshape((1, 1, 1, g.t))?;
-        let mask = ((keys.broadcast_le(&g.limit)?.to_dtype(DType::F32)? - 1.0)? * 1e30)?;
-        let p = candle_nn::ops::softmax_last_dim(&(scores * scale)?.broadcast_add(&mask)?)?;
+        let layer_mask;
+        let mask = match &g.mask {
+            Some(m) => m,
+            None => {
+                layer_mask = mask(&g.limit, g.t)?;
+                &layer_mask
+            }
+        };
+        let p = candle_nn::ops::softmax_last_dim(&(scores * scale)?.broadcast_add(mask)?)?;
         let o = p.to_dtype(q.dtype())?.matmul(&vg)?; // [span, nh, n_q, hd]
         outs.push(o.transpose(1, 2)?.reshape((g.span * g.n_q, nh * hd))?);
     }
