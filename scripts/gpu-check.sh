@@ -37,7 +37,7 @@ B=.gpu/blockformer
 
 echo "== smoke"
 timeout "$(left 90)" "$B" generate --preset block_main_b4_5 --random-prompt-len 16 --max-new-tokens 8 \
-  --device cuda --ignore-eos 2>&1 | tail -3 | tee "$OUT/smoke.log"
+  --device cuda --ignore-eos 2>&1 | tail -3 | tee -a "$OUT/gpu.txt"
 
 echo "== tests/device.rs on CUDA"
 BLOCKFORMER_TEST_DEVICE=cuda timeout "$(left 130)" .gpu/test-device --nocapture --test-threads 1 2>&1 \
@@ -64,5 +64,13 @@ for pair in "block_main_b4_1.2b vanilla_410" "block_main_b4_85 vanilla_160"; do
     echo "exit $rc" >>"$log"
     grep -vE "^\s+[0-9]+: |^\s+at " "$log" | tail -14
   done
+done
+echo "== where the device time goes (time split synchronised with the device)"
+for m in block_main_b4_1.2b vanilla_410; do
+  timeout "$(left 60)" "$B" bench --device cuda --dtype bf16 --preset "$m" --setting custom \
+    --prompt-len 2048 --new-tokens 32 --batch-size 128 --runs 1 --warmup 0 --sync-split \
+    >"$OUT/split-$m.txt" 2>&1
+  echo "exit $?" >>"$OUT/split-$m.txt"
+  grep -A4 "^model  .*embedder" "$OUT/split-$m.txt"
 done
 nvidia-smi --query-gpu=memory.used,clocks.sm --format=csv | tee -a "$OUT/gpu.txt"

@@ -274,6 +274,7 @@ fn runner_measures_tiny_models() {
         runs: 2,
         warmup: 1,
         seed: 3,
+        ..Default::default()
     };
     let mut rows = Vec::new();
     for (name, model) in tiny_models() {

@@ -82,6 +82,8 @@ pub struct BenchSpec {
     pub warmup: usize,
     /// Seed of the random prompts.
     pub seed: u64,
+    /// Wait for the device at each boundary of the time split ([`Engine::set_sync_split`]).
+    pub sync_split: bool,
 }
 
 impl Default for BenchSpec {
@@ -90,6 +92,7 @@ impl Default for BenchSpec {
             runs: 3,
             warmup: 1,
             seed: 0,
+            sync_split: false,
         }
     }
 }
@@ -366,6 +369,7 @@ pub fn bench_model(
     let mut kv_max = 0;
     let mut device_peak: Option<usize> = None;
     let mut eng = bench_engine(model, &w);
+    eng.set_sync_split(spec.sync_split);
     for i in 0..spec.warmup {
         let t = Instant::now();
         let o = run_once(&mut eng, &w, spec.seed)?;

@@ -86,6 +86,10 @@ pub struct Args {
     /// Override the probe's memory bandwidth (GB/s).
     #[arg(long, conflicts_with = "no_roofline")]
     pub bandwidth_gbs: Option<f64>,
+    /// On a GPU: wait for the device at each boundary of the time split, so each part shows
+    /// its device time (a little slower overall; without it the parts are launch times).
+    #[arg(long)]
+    pub sync_split: bool,
     /// Print the roofline bound and the memory model only; run nothing.
     #[arg(long, conflicts_with = "no_roofline")]
     pub dry_run: bool,
@@ -338,6 +342,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         runs: a.runs,
         warmup: a.warmup,
         seed: a.seed,
+        sync_split: a.sync_split,
     };
     let mut rows_by_model = Vec::new();
     let mut notes = Vec::new();

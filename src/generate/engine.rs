@@ -177,6 +177,8 @@ pub struct Engine {
     /// Host path: caches of finished rows kept for the next rows (at most `max_batch`), so a
     /// long-running engine touches fresh memory only when it grows.
     spare: Vec<(KvCache, Option<KvCache>)>,
+    /// Wait for the device at every boundary of the time split (see [`Engine::set_sync_split`]).
+    sync_split: bool,
 }
 
 impl Engine {
@@ -194,7 +196,25 @@ impl Engine {
             stats: EngineStats::default(),
             pools: None,
             spare: Vec::new(),
+            sync_split: false,
         }
+    }
+
+    /// On a GPU the host only queues work, so the parts of the time split (embedder, block
+    /// decoder, token decoder, LM head, sampling) measure launch time and the wait lands in
+    /// whichever part reads a result first. With `on`, the engine waits for the device at
+    /// every boundary, so each part is its device time (at the cost of the overlap between
+    /// launching one part and running the previous). No effect on the CPU.
+    pub fn set_sync_split(&mut self, on: bool) {
+        self.sync_split = on;
+    }
+
+    /// A boundary of the time split.
+    fn split_point(&self) -> Result<()> {
+        if self.sync_split {
+            self.model.device().synchronize()?;
+        }
+        Ok(())
     }
 
     /// Whether this engine runs the tensor path.
@@ -610,6 +630,7 @@ impl Engine {
         let e = bt
             .embedder
             .forward(&Tensor::from_vec(ids, (n_blocks, l), &dev)?)?;
+        self.split_point()?;
         self.stats.embedder_s += t.elapsed().as_secs_f64();
         let t = Instant::now();
         let mut caches: Vec<&mut KvCache> = self.running.iter_mut().map(|s| &mut s.cache).collect();
@@ -618,6 +639,7 @@ impl Engine {
             .stack
             .forward_cached(&e, &specs, &mut caches)?;
         let states = hid.index_select(&Tensor::new(last_rows.as_slice(), &dev)?, 0)?; // [S, D]
+        self.split_point()?;
         self.stats.block_decoder_s += t.elapsed().as_secs_f64();
         let t_td = Instant::now();
         let sampling_before = self.stats.sampling_s;
@@ -675,6 +697,7 @@ impl Engine {
             self.pick(&logits, &active, &mut blocks, &mut lps, &mut hit_eos)?;
         }
 
+        self.split_point()?;
         self.stats.token_decoder_s +=
             t_td.elapsed().as_secs_f64() - (self.stats.sampling_s - sampling_before);
 
@@ -748,14 +771,17 @@ impl Engine {
         let n = ids.len();
         let t = Instant::now();
         let x = v.embed_in.embedding(&Tensor::from_vec(ids, n, &dev)?)?;
+        self.split_point()?;
         self.stats.embedder_s += t.elapsed().as_secs_f64();
         let t = Instant::now();
         let mut caches: Vec<&mut KvCache> = self.running.iter_mut().map(|s| &mut s.cache).collect();
         let hid = v.stack.forward_cached(&x, &specs, &mut caches)?;
         let last = hid.index_select(&Tensor::new(last_rows.as_slice(), &dev)?, 0)?;
+        self.split_point()?;
         self.stats.block_decoder_s += t.elapsed().as_secs_f64();
         let t = Instant::now();
         let logits = v.embed_out.forward(&last)?;
+        self.split_point()?;
         self.stats.lm_head_s += t.elapsed().as_secs_f64();
         let rows = self.running.len();
         let mut toks: Vec<Vec<u32>> = vec![Vec::new(); rows];
@@ -804,6 +830,7 @@ impl Engine {
         if rows.is_empty() {
             return Ok(());
         }
+        self.split_point()?;
         let t = Instant::now();
         let chosen = if !logits.device().is_cpu() && self.greedy_only(rows) {
             // One argmax on the device and a copy of one id per row.

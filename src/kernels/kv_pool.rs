@@ -124,8 +124,9 @@ pub struct Group {
     pub mask: Option<Tensor>,
 }
 
-/// Largest mask (elements) a step keeps for all its layers.
-const SHARED_MASK_MAX: usize = 1 << 24;
+/// Mask elements a step keeps for all its layers; groups beyond it make theirs layer by
+/// layer. Groups with the same limits (e.g. the parts of a batch of equal prompts) share one.
+const SHARED_MASK_BUDGET: usize = 1 << 26;
 
 /// `0` where key `j <= limit` of the query, `-1e30` elsewhere: `[span, 1, n_q, t]` (f32).
 fn mask(limit: &Tensor, t: usize) -> candle_core::Result<Tensor> {
@@ -147,15 +148,28 @@ pub struct BlockWrite {
     pub n: usize,
 }
 
+/// The rows of a step that bring one position each, in slots `lo..lo + span`. The write is a
+/// scatter along the position axis of the pool viewed as `[span * heads, capacity, head_dim]`,
+/// so every (slot, head, element) is its own thread (a scatter along the pool's first axis
+/// would loop over all rows in each of `head_dim` threads).
+pub struct SingleWrite {
+    pub lo: usize,
+    pub span: usize,
+    /// `[span]` (u32): the step position each slot's new key comes from (0 for slots without
+    /// a row here, whose write is skipped).
+    pub src: Tensor,
+    /// `[span * heads, 1, head_dim]` (u32): the cache position written, `u32::MAX` (skip) for
+    /// slots without a row here.
+    pub at: Tensor,
+}
+
 /// Everything one cached step needs besides the layer weights, shared by every layer.
 pub struct PoolStep {
     /// `[N, rd/2]` rotary cos/sin of each new position, in the model dtype.
     pub cos: Tensor,
     pub sin: Tensor,
-    /// Rows bringing one position: `[heads * S, head_dim]` (u32) flat pool row
-    /// `(slot * heads + h) * capacity + position` receiving head `h` of single row `s`, in
-    /// `(h, s)` order, and `[S]` (u32) their positions in the step. `None` if there are none.
-    pub scatter: Option<(Tensor, Tensor)>,
+    /// Rows bringing one position, written by one scatter per tensor and layer.
+    pub scatter: Option<SingleWrite>,
     /// Rows bringing several positions, in runs that are copied at once.
     pub blocks: Vec<BlockWrite>,
     pub groups: Vec<Group>,
@@ -220,23 +234,29 @@ impl PoolStep {
         }
         let cos = Tensor::from_vec(cos, (n, half), dev)?.to_dtype(dtype)?;
         let sin = Tensor::from_vec(sin, (n, half), dev)?.to_dtype(dtype)?;
-        let scatter = if singles.is_empty() {
-            None
-        } else {
-            let ns = singles.len();
-            let mut write = vec![0u32; nh * ns];
-            for (j, &r) in singles.iter().enumerate() {
-                for h in 0..nh {
-                    write[h * ns + j] = ((slots[r] * nh + h) * cap + lens[r]) as u32;
+        let scatter = match (
+            singles.iter().map(|&r| slots[r]).min(),
+            singles.iter().map(|&r| slots[r]).max(),
+        ) {
+            (Some(lo), Some(hi)) => {
+                let span = hi - lo + 1;
+                let mut src = vec![0u32; span];
+                let mut at = vec![u32::MAX; span * nh];
+                for &r in &singles {
+                    let s = slots[r] - lo;
+                    src[s] = first[r] as u32;
+                    at[s * nh..(s + 1) * nh].fill(lens[r] as u32);
                 }
+                Some(SingleWrite {
+                    lo,
+                    span,
+                    src: Tensor::from_vec(src, span, dev)?,
+                    at: Tensor::from_vec(at, (span * nh, 1, 1), dev)?
+                        .broadcast_as((span * nh, 1, pool.head_dim))?
+                        .contiguous()?,
+                })
             }
-            let at: Vec<u32> = singles.iter().map(|&r| first[r] as u32).collect();
-            Some((
-                Tensor::from_vec(write, (nh * ns, 1), dev)?
-                    .broadcast_as((nh * ns, pool.head_dim))?
-                    .contiguous()?,
-                Tensor::from_vec(at, ns, dev)?,
-            ))
+            _ => None,
         };
 
         // Group rows by their number of new positions; split groups too large to batch.
@@ -248,6 +268,8 @@ impl PoolStep {
             }
         }
         let mut groups = Vec::new();
+        let mut masks: Vec<(Vec<u32>, usize, Tensor)> = Vec::new(); // (limits, t, mask)
+        let mut mask_budget = SHARED_MASK_BUDGET;
         let mut gather = vec![0u32; n];
         let mut out_rows = 0usize;
         for (n_q, mut members) in by_len {
@@ -284,12 +306,19 @@ impl PoolStep {
                     }
                 }
                 out_rows += span * n_q;
-                let limit = Tensor::from_vec(limit, (span, 1, n_q, 1), dev)?;
-                let mask = if span * n_q * t <= SHARED_MASK_MAX {
-                    Some(mask(&limit, t)?)
-                } else {
-                    None
+                let shared = masks.iter().find(|(l, mt, _)| *mt == t && *l == limit);
+                let limit_t = Tensor::from_vec(limit.clone(), (span, 1, n_q, 1), dev)?;
+                let mask = match shared {
+                    Some((_, _, m)) => Some(m.clone()),
+                    None if span * n_q * t <= mask_budget => {
+                        mask_budget -= span * n_q * t;
+                        let m = mask(&limit_t, t)?;
+                        masks.push((limit, t, m.clone()));
+                        Some(m)
+                    }
+                    None => None,
                 };
+                let limit = limit_t;
                 groups.push(Group {
                     lo,
                     span,
@@ -327,14 +356,18 @@ pub fn pooled_attention(
     v: &Tensor,
 ) -> candle_core::Result<Tensor> {
     let (nh, _, hd) = q.dims3()?;
-    let flat = (pool.slots * nh * pool.capacity, hd);
     let (kp, vp) = (&pool.k[layer], &pool.v[layer]);
     // Single positions: one scatter per tensor for all of them.
-    if let Some((index, at)) = &step.scatter {
-        let ns = at.dim(0)?;
+    if let Some(w) = &step.scatter {
         for (dst, src) in [(kp, k), (vp, v)] {
-            let rows = src.index_select(at, 1)?.reshape((nh * ns, hd))?; // [nh * S, hd]
-            dst.reshape(flat)?.scatter_set(index, &rows, 0)?;
+            let rows = src
+                .index_select(&w.src, 1)? // [nh, span, hd]
+                .transpose(0, 1)?
+                .contiguous()?
+                .reshape((w.span * nh, 1, hd))?;
+            dst.narrow(0, w.lo, w.span)?
+                .reshape((w.span * nh, pool.capacity, hd))?
+                .scatter_set(&w.at, &rows, 1)?;
         }
     }
     // Prompts and prefixes: one block copy per run of rows in consecutive slots (no index
@@ -395,5 +428,69 @@ mod tests {
         assert!(pool.acquire().is_none());
         drop(b);
         assert_eq!(pool.acquire().unwrap().slot, 1);
+    }
+
+    /// Keys and values land in their slots at their positions, and nothing else is written:
+    /// single positions in slots with gaps and different lengths, a run of two prompts in
+    /// consecutive slots, and a lone prompt.
+    #[test]
+    fn pooled_writes_land_in_their_slots_only() {
+        let (nh, hd, cap, slots) = (2, 4, 8, 7);
+        let dev = Device::Cpu;
+        let pool = KvPool::new(1, nh, hd, cap, slots, DType::F32, &dev).unwrap();
+        for t in [&pool.k[0], &pool.v[0]] {
+            t.slice_set(
+                &Tensor::full(-1f32, (slots, nh, cap, hd), &dev).unwrap(),
+                0,
+                0,
+            )
+            .unwrap();
+        }
+        // (slot, cache length before, new positions), in step order.
+        let rows = [(1, 3, 1), (4, 0, 1), (2, 2, 2), (3, 2, 2), (6, 5, 3)];
+        let specs: Vec<RowSpec> = rows
+            .iter()
+            .map(|&(_, len, n)| RowSpec::arange(n, len))
+            .collect();
+        let sl: Vec<usize> = rows.iter().map(|r| r.0).collect();
+        let lens: Vec<usize> = rows.iter().map(|r| r.1).collect();
+        let n: usize = rows.iter().map(|r| r.2).sum();
+        let rotary = Rotary::new(0, 10000.0, 16);
+        let step = PoolStep::new(&pool, &specs, &sl, &lens, &rotary, DType::F32, &dev).unwrap();
+        assert_eq!(
+            step.blocks.len(),
+            2,
+            "slots 2 and 3 are one run, slot 6 another"
+        );
+        // Key of step position p, head h, element e: 100 p + 10 h + e; values negated.
+        let k: Vec<f32> = (0..nh)
+            .flat_map(|h| {
+                (0..n).flat_map(move |p| (0..hd).map(move |e| (100 * p + 10 * h + e) as f32))
+            })
+            .collect();
+        let k = Tensor::from_vec(k, (nh, n, hd), &dev).unwrap();
+        let v = k.neg().unwrap();
+        pooled_attention(&pool, 0, &step, &k, &k, &v).unwrap();
+        let pk: Vec<f32> = pool.k[0].flatten_all().unwrap().to_vec1().unwrap();
+        let pv: Vec<f32> = pool.v[0].flatten_all().unwrap().to_vec1().unwrap();
+        let mut expect = vec![-1f32; slots * nh * cap * hd];
+        let mut first = 0;
+        for &(slot, len, cnt) in &rows {
+            for i in 0..cnt {
+                for h in 0..nh {
+                    for e in 0..hd {
+                        let at = ((slot * nh + h) * cap + len + i) * hd + e;
+                        expect[at] = (100 * (first + i) + 10 * h + e) as f32;
+                    }
+                }
+            }
+            first += cnt;
+        }
+        assert_eq!(pk, expect);
+        let expect_v: Vec<f32> = expect
+            .iter()
+            .map(|&x| if x == -1.0 { -1.0 } else { -x })
+            .collect();
+        assert_eq!(pv, expect_v);
     }
 }
