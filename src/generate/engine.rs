@@ -7,7 +7,7 @@ use super::PositionMode;
 use crate::error::{Error, Result};
 use crate::kernels::attention::{KvCache, KvDtype, RowSpec};
 use crate::kernels::kv_pool::KvPool;
-use crate::model::gpt_neox::HostView;
+use crate::model::gpt_neox::{HostView, Linear};
 use crate::model::{Arch, BlockTransformer, Model, Vanilla};
 use candle_core::Tensor;
 use rayon::prelude::*;
@@ -672,9 +672,22 @@ impl Engine {
                     .expect("block rows have a token-decoder cache")
             })
             .collect();
-        let logits = td.start_block(&states, &mut td_caches, mode)?;
+        let hidden = td.start_block_hidden(&states, &mut td_caches, mode)?;
         let all: Vec<usize> = (0..rows).filter(|&r| want[r] > 0).collect();
-        self.pick(&logits, &all, &mut blocks, &mut lps, &mut hit_eos)?;
+        let hidden = if all.len() < rows {
+            let keep: Vec<u32> = all.iter().map(|&r| r as u32).collect();
+            hidden.index_select(&Tensor::new(keep.as_slice(), &dev)?, 0)?
+        } else {
+            hidden
+        };
+        self.pick_head(
+            &td.embed_out,
+            &hidden,
+            &all,
+            &mut blocks,
+            &mut lps,
+            &mut hit_eos,
+        )?;
         let max_want = want.iter().copied().max().unwrap_or(0);
         for k in 1..max_want {
             let active: Vec<usize> = (0..rows).filter(|&r| !hit_eos[r] && k < want[r]).collect();
@@ -693,8 +706,15 @@ impl Engine {
                 .filter(|(_, &a)| a)
                 .map(|(s, _)| s.td_cache.as_mut().expect("token-decoder cache"))
                 .collect();
-            let logits = td.continue_block(&tokens, k, &mut sub, mode)?;
-            self.pick(&logits, &active, &mut blocks, &mut lps, &mut hit_eos)?;
+            let hidden = td.continue_block_hidden(&tokens, k, &mut sub, mode)?;
+            self.pick_head(
+                &td.embed_out,
+                &hidden,
+                &active,
+                &mut blocks,
+                &mut lps,
+                &mut hit_eos,
+            )?;
         }
 
         self.split_point()?;
@@ -780,15 +800,15 @@ impl Engine {
         self.split_point()?;
         self.stats.block_decoder_s += t.elapsed().as_secs_f64();
         let t = Instant::now();
-        let logits = v.embed_out.forward(&last)?;
-        self.split_point()?;
-        self.stats.lm_head_s += t.elapsed().as_secs_f64();
+        let sampling_before = self.stats.sampling_s;
         let rows = self.running.len();
         let mut toks: Vec<Vec<u32>> = vec![Vec::new(); rows];
         let mut lps: Vec<Vec<TokenLogprob>> = vec![Vec::new(); rows];
         let mut hit_eos = vec![false; rows];
         let all: Vec<usize> = (0..rows).collect();
-        self.pick(&logits, &all, &mut toks, &mut lps, &mut hit_eos)?;
+        self.pick_head(&v.embed_out, &last, &all, &mut toks, &mut lps, &mut hit_eos)?;
+        self.stats.lm_head_s +=
+            t.elapsed().as_secs_f64() - (self.stats.sampling_s - sampling_before);
         let mut events = Vec::with_capacity(rows);
         for (r, s) in self.running.iter_mut().enumerate() {
             let mut tokens = std::mem::take(&mut toks[r]);
@@ -816,6 +836,36 @@ impl Engine {
             let s = &self.running[r];
             s.logprobs.is_none() && s.sampler.is_greedy()
         })
+    }
+
+    /// The LM head `head` on `hidden [rows.len(), H]`, then one token for each row in
+    /// `rows`. Greedy rows on the CPU take the head's argmax straight from its kernel (the
+    /// logits are never written); others go through [`Engine::pick`].
+    fn pick_head(
+        &mut self,
+        head: &Linear,
+        hidden: &Tensor,
+        rows: &[usize],
+        out: &mut [Vec<u32>],
+        lps: &mut [Vec<TokenLogprob>],
+        hit_eos: &mut [bool],
+    ) -> Result<()> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        if self.greedy_only(rows) {
+            if let Some(ids) = head.argmax_rows(hidden)? {
+                for (&r, tok) in rows.iter().zip(ids) {
+                    out[r].push(tok);
+                    if self.running[r].eos == Some(tok) {
+                        hit_eos[r] = true;
+                    }
+                }
+                return Ok(());
+            }
+        }
+        let logits = head.forward(hidden)?;
+        self.pick(&logits, rows, out, lps, hit_eos)
     }
 
     /// Samples one token for each row in `rows` from `logits [rows.len(), V]`.

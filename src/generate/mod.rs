@@ -45,6 +45,17 @@ impl TokenDecoder {
         caches: &mut [&mut KvCache],
         mode: PositionMode,
     ) -> Result<Tensor> {
+        self.logits(&self.start_block_hidden(s, caches, mode)?)
+    }
+
+    /// [`TokenDecoder::start_block`] up to the LM head: the final hidden state of each row's
+    /// last prefix position, `[S, H]`.
+    pub fn start_block_hidden(
+        &self,
+        s: &Tensor,
+        caches: &mut [&mut KvCache],
+        mode: PositionMode,
+    ) -> Result<Tensor> {
         let (rows, _) = s.dims2()?;
         let (r, h) = (self.n_prefix, self.hidden_size());
         let prefix = self.expand(s)?.reshape((rows * r, h))?;
@@ -62,13 +73,23 @@ impl TokenDecoder {
         let specs = vec![spec; rows];
         let hid = self.stack.forward_cached(&prefix, &specs, caches)?; // [S*R, H]
         let last: Vec<u32> = (0..rows).map(|i| (i * r + r - 1) as u32).collect();
-        let last = hid.index_select(&Tensor::new(last.as_slice(), hid.device())?, 0)?;
-        self.logits(&last)
+        Ok(hid.index_select(&Tensor::new(last.as_slice(), hid.device())?, 0)?)
     }
 
     /// Step `k >= 1` of a block: feeds token `k-1` of each row; returns the logits predicting
     /// token `k`, `[A, V]`.
     pub fn continue_block(
+        &self,
+        tokens: &[u32],
+        k: usize,
+        caches: &mut [&mut KvCache],
+        mode: PositionMode,
+    ) -> Result<Tensor> {
+        self.logits(&self.continue_block_hidden(tokens, k, caches, mode)?)
+    }
+
+    /// [`TokenDecoder::continue_block`] up to the LM head, `[A, H]`.
+    pub fn continue_block_hidden(
         &self,
         tokens: &[u32],
         k: usize,
@@ -81,8 +102,7 @@ impl TokenDecoder {
             PositionMode::Official => k,
         };
         let specs = vec![RowSpec::arange(1, pos); tokens.len()];
-        let hid = self.stack.forward_cached(&x, &specs, caches)?;
-        self.logits(&hid)
+        self.stack.forward_cached(&x, &specs, caches)
     }
 
     /// A cache for one block: `R` prefix vectors and `L-1` tokens.

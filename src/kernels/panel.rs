@@ -106,6 +106,101 @@ pub fn matmul_panels_new(x: &[f32], m: usize, w: &Panels) -> Vec<f32> {
     y
 }
 
+/// For each row of `x W`, the first column holding the row's maximum (NaN never wins) and
+/// that maximum, without writing the product: each task's tiles land in a panel-sized buffer
+/// that stays in L1 and is reduced at once (greedy decoding's LM head: the `[m, vocab]` logits
+/// are never written nor read back). Same answer as [`crate::generate::sampling::argmax`] on
+/// the rows of [`matmul_panels_new`], bit for bit.
+pub fn argmax_panels(x: &[f32], m: usize, w: &Panels) -> Vec<(u32, f32)> {
+    let (k, n) = (w.k, w.n);
+    assert_eq!(x.len(), m * k, "x shape");
+    if m == 0 || n == 0 {
+        return vec![(0, f32::NEG_INFINITY); m];
+    }
+    let panels = n.div_ceil(PANEL);
+    let (mb, runs, per) = partition(m, k, panels);
+    let mblocks = m.div_ceil(mb);
+    // Per task: the best (column, value) of each of its rows over its panels.
+    let parts: Vec<Vec<(u32, f32)>> = (0..mblocks * runs)
+        .into_par_iter()
+        .map(|t| {
+            let (b, run) = (t / runs, t % runs);
+            let (m0, m1) = (b * mb, ((b + 1) * mb).min(m));
+            let rows = m1 - m0;
+            let x = &x[m0 * k..m1 * k];
+            let mut buf = vec![0f32; rows * PANEL];
+            let mut best = vec![(0u32, f32::NEG_INFINITY); rows];
+            for p in run * per..((run + 1) * per).min(panels) {
+                let cols = PANEL.min(n - p * PANEL);
+                // SAFETY: `buf` holds `rows` rows of PANEL floats (row stride PANEL >= cols).
+                unsafe {
+                    panel_rows(
+                        x,
+                        k,
+                        w.panel(p),
+                        0..rows,
+                        buf.as_mut_ptr(),
+                        PANEL,
+                        cols,
+                        false,
+                    )
+                }
+                for (r, best) in best.iter_mut().enumerate() {
+                    let v = &buf[r * PANEL..r * PANEL + cols];
+                    let top = max_lanes(v);
+                    if top > best.1 {
+                        let c = v.iter().position(|&y| y == top).unwrap_or(0);
+                        *best = ((p * PANEL + c) as u32, top);
+                    }
+                }
+            }
+            best
+        })
+        .collect();
+    // Tasks of one row block in column order: a later one wins only with a larger value.
+    let mut out = vec![(0u32, f32::NEG_INFINITY); m];
+    for (t, part) in parts.iter().enumerate() {
+        let m0 = (t / runs) * mb;
+        for (r, &(c, v)) in part.iter().enumerate() {
+            if v > out[m0 + r].1 {
+                out[m0 + r] = (c, v);
+            }
+        }
+    }
+    out
+}
+
+/// The largest value of `v` (at most [`PANEL`] floats; NaN never wins), lane-wise so that it
+/// vectorizes.
+fn max_lanes(v: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; 16];
+    for c in v.chunks(16) {
+        for (l, &y) in lanes.iter_mut().zip(c) {
+            *l = if y > *l { y } else { *l };
+        }
+    }
+    lanes
+        .iter()
+        .fold(f32::NEG_INFINITY, |a, &y| if y > a { y } else { a })
+}
+
+/// How [`run`] splits `m` rows and `panels` panels into tasks: rows per block (all rows at
+/// decode sizes, an L2 share of `x` at prefill sizes), panel runs per block, panels per run.
+fn partition(m: usize, k: usize, panels: usize) -> (usize, usize, usize) {
+    let mb = if m <= 64 {
+        m
+    } else {
+        ((X_BLOCK_BYTES / (4 * k)) / TILE_ROWS * TILE_ROWS).max(TILE_ROWS)
+    };
+    let mblocks = m.div_ceil(mb);
+    let runs = (4 * rayon::current_num_threads())
+        .div_ceil(mblocks)
+        .min(panels)
+        .max(1);
+    let per = panels.div_ceil(runs);
+    (mb, panels.div_ceil(per), per)
+}
+
 /// [`matmul_panels`] into `y` (`m * N` floats), adding to it when `acc`, else storing.
 ///
 /// # Safety
@@ -119,18 +214,8 @@ unsafe fn run(x: &[f32], m: usize, w: &Panels, y: *mut f32, acc: bool) {
     let panels = n.div_ceil(PANEL);
     // Row blocks whose x stays in L2 while the panels stream past (all rows at decode sizes),
     // then contiguous runs of panels, a few tasks per thread for balance.
-    let mb = if m <= 64 {
-        m
-    } else {
-        ((X_BLOCK_BYTES / (4 * k)) / TILE_ROWS * TILE_ROWS).max(TILE_ROWS)
-    };
+    let (mb, runs, per) = partition(m, k, panels);
     let mblocks = m.div_ceil(mb);
-    let runs = (4 * rayon::current_num_threads())
-        .div_ceil(mblocks)
-        .min(panels)
-        .max(1);
-    let per = panels.div_ceil(runs);
-    let runs = panels.div_ceil(per);
     let out = OutPtr(y);
     (0..mblocks * runs).into_par_iter().for_each(|t| {
         let (b, run) = (t / runs, t % runs);
@@ -352,6 +437,23 @@ mod tests {
     use super::*;
     use rand::{Rng, SeedableRng};
 
+    /// Ties go to the first column (across panels and tasks), NaN never wins.
+    #[test]
+    fn argmax_panels_takes_the_first_maximum() {
+        let n = 200;
+        let mut w = vec![0.5f32; n];
+        w[3] = f32::NAN;
+        w[150] = 0.25;
+        let best = argmax_panels(&[2.0, -1.0], 2, &Panels::pack(&w, 1, n));
+        assert_eq!(best[0], (0, 1.0));
+        assert_eq!(best[1], (150, -0.25));
+        w[0] = 0.1;
+        w[97] = 0.7;
+        w[180] = 0.7;
+        let best = argmax_panels(&[1.0], 1, &Panels::pack(&w, 1, n));
+        assert_eq!(best[0], (97, 0.7));
+    }
+
     #[test]
     fn packed_matmul_matches_reference() {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
@@ -386,6 +488,17 @@ mod tests {
             assert_eq!(y.len(), m * n);
             for (a, b) in y.iter().zip(&want) {
                 assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "new {m}x{k}x{n}");
+            }
+            // Argmax without the product: the scan of the stored rows, bit for bit.
+            let best = argmax_panels(&x, m, &Panels::pack(&w, k, n));
+            for (r, &(c, v)) in best.iter().enumerate() {
+                let row = &y[r * n..(r + 1) * n];
+                let want = crate::generate::sampling::argmax_reference(row);
+                assert_eq!(
+                    (c, v.to_bits()),
+                    (want, row[want as usize].to_bits()),
+                    "argmax {m}x{k}x{n} row {r}"
+                );
             }
             // The serial kernel on a leading sub-matrix, packed from a function.
             let (ks, ns) = (k.div_ceil(2), n - n / 3);

@@ -173,6 +173,30 @@ impl Linear {
         Ok(y.reshape(out_dims)?)
     }
 
+    /// Greedy decoding on the CPU: for each row of `x [rows, in]` the index of its largest
+    /// output (first on ties), straight from the panel kernel without writing the outputs.
+    /// `None` where that kernel does not apply (not packed, a bias, quantized, another device
+    /// or dtype, training).
+    pub fn argmax_rows(&self, x: &Tensor) -> Result<Option<Vec<u32>>> {
+        let Some(p) = &self.packed else {
+            return Ok(None);
+        };
+        if self.bias.is_some()
+            || self.quantized.is_some()
+            || !x.device().is_cpu()
+            || x.dtype() != DType::F32
+            || x.track_op()
+            || x.rank() != 2
+        {
+            return Ok(None);
+        }
+        let rows = x.dim(0)?;
+        let x = x.contiguous()?;
+        let xv = HostView::new(&x)?;
+        let best = panel::argmax_panels(xv.get(), rows, p);
+        Ok(Some(best.into_iter().map(|(c, _)| c).collect()))
+    }
+
     fn add_bias(&self, y: Tensor) -> Result<Tensor> {
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(b)?,
