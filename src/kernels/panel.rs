@@ -293,13 +293,19 @@ unsafe fn panel_rows(
     cols: usize,
     acc: bool,
 ) {
-    let last = (rows.end - rows.start).div_ceil(TILE_ROWS).saturating_sub(1);
+    let last = (rows.end - rows.start)
+        .div_ceil(TILE_ROWS)
+        .saturating_sub(1);
     for (t, (r0, n)) in row_tiles(rows.start, rows.end).enumerate() {
         let x = &x[r0 * k..(r0 + n) * k];
         // The first tile streams the panel from memory (prefetching a little ahead); when
         // later tiles re-read it from L2, the last of them prefetches the next panel (they lie
         // back to back), so the memory stream never waits for a tile's arithmetic.
-        let ahead = if t == last && t > 0 { k * PANEL } else { PREFETCH };
+        let ahead = if t == last && t > 0 {
+            k * PANEL
+        } else {
+            PREFETCH
+        };
         tile(x, n, k, panel, ahead, y.add(r0 * ldy), ldy, cols, acc)
     }
 }
@@ -353,6 +359,7 @@ unsafe fn tile(
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
 unsafe fn tile_avx512<const R: usize>(
     x: &[f32],
     k: usize,
