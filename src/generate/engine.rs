@@ -680,7 +680,7 @@ impl Engine {
         } else {
             hidden
         };
-        self.pick_head(
+        self.pick(
             &td.embed_out,
             &hidden,
             &all,
@@ -707,7 +707,7 @@ impl Engine {
                 .map(|(s, _)| s.td_cache.as_mut().expect("token-decoder cache"))
                 .collect();
             let hidden = td.continue_block_hidden(&tokens, k, &mut sub, mode)?;
-            self.pick_head(
+            self.pick(
                 &td.embed_out,
                 &hidden,
                 &active,
@@ -806,7 +806,7 @@ impl Engine {
         let mut lps: Vec<Vec<TokenLogprob>> = vec![Vec::new(); rows];
         let mut hit_eos = vec![false; rows];
         let all: Vec<usize> = (0..rows).collect();
-        self.pick_head(&v.embed_out, &last, &all, &mut toks, &mut lps, &mut hit_eos)?;
+        self.pick(&v.embed_out, &last, &all, &mut toks, &mut lps, &mut hit_eos)?;
         self.stats.lm_head_s +=
             t.elapsed().as_secs_f64() - (self.stats.sampling_s - sampling_before);
         let mut events = Vec::with_capacity(rows);
@@ -840,8 +840,9 @@ impl Engine {
 
     /// The LM head `head` on `hidden [rows.len(), H]`, then one token for each row in
     /// `rows`. Greedy rows on the CPU take the head's argmax straight from its kernel (the
-    /// logits are never written); others go through [`Engine::pick`].
-    fn pick_head(
+    /// logits are never written); on a GPU greedy rows take one device argmax; other rows are
+    /// sampled on the host from one copy of the logits.
+    fn pick(
         &mut self,
         head: &Linear,
         hidden: &Tensor,
@@ -853,45 +854,49 @@ impl Engine {
         if rows.is_empty() {
             return Ok(());
         }
-        if self.greedy_only(rows) {
-            if let Some(ids) = head.argmax_rows(hidden)? {
-                for (&r, tok) in rows.iter().zip(ids) {
-                    out[r].push(tok);
-                    if self.running[r].eos == Some(tok) {
-                        hit_eos[r] = true;
-                    }
-                }
+        // Greedy rows on the CPU: ids straight from the head's kernel; else its logits.
+        let fused = if self.greedy_only(rows) {
+            head.argmax_rows(hidden)?
+        } else {
+            None
+        };
+        let logits = match fused {
+            Some(ids) => Err(ids),
+            None => Ok(head.forward(hidden)?),
+        };
+        self.split_point()?;
+        let t = Instant::now();
+        let ids = match logits {
+            Err(ids) => ids,
+            // One argmax on the device and a copy of one id per row.
+            Ok(l) if !l.device().is_cpu() && self.greedy_only(rows) => {
+                l.argmax(candle_core::D::Minus1)?.to_vec1()?
+            }
+            Ok(l) => {
+                let chosen = self.sample_on_host(&l, rows)?;
+                self.record(chosen, out, lps, hit_eos);
+                self.stats.sampling_s += t.elapsed().as_secs_f64();
                 return Ok(());
             }
-        }
-        let logits = head.forward(hidden)?;
-        self.pick(&logits, rows, out, lps, hit_eos)
+        };
+        let chosen = rows
+            .iter()
+            .zip(ids)
+            .map(|(&r, tok)| (r, tok, None))
+            .collect();
+        self.record(chosen, out, lps, hit_eos);
+        self.stats.sampling_s += t.elapsed().as_secs_f64();
+        Ok(())
     }
 
-    /// Samples one token for each row in `rows` from `logits [rows.len(), V]`.
-    fn pick(
-        &mut self,
-        logits: &Tensor,
-        rows: &[usize],
+    /// Appends each chosen `(row, token, logprobs)` to its row's output and notes EOS.
+    fn record(
+        &self,
+        chosen: Vec<(usize, u32, Option<TokenLogprob>)>,
         out: &mut [Vec<u32>],
         lps: &mut [Vec<TokenLogprob>],
         hit_eos: &mut [bool],
-    ) -> Result<()> {
-        if rows.is_empty() {
-            return Ok(());
-        }
-        self.split_point()?;
-        let t = Instant::now();
-        let chosen = if !logits.device().is_cpu() && self.greedy_only(rows) {
-            // One argmax on the device and a copy of one id per row.
-            let ids: Vec<u32> = logits.argmax(candle_core::D::Minus1)?.to_vec1()?;
-            rows.iter()
-                .zip(ids)
-                .map(|(&r, tok)| (r, tok, None))
-                .collect()
-        } else {
-            self.sample_on_host(logits, rows)?
-        };
+    ) {
         for (r, tok, lp) in chosen {
             lps[r].extend(lp);
             out[r].push(tok);
@@ -899,8 +904,6 @@ impl Engine {
                 hit_eos[r] = true;
             }
         }
-        self.stats.sampling_s += t.elapsed().as_secs_f64();
-        Ok(())
     }
 
     /// Copies the logits to the host once and samples every row there (in parallel, each
