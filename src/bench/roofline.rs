@@ -300,7 +300,7 @@ pub struct Roofline {
 
 impl Roofline {
     /// The bound: `sum over model calls of max(FLOPs / peak, bytes / bandwidth)` (the
-    /// issue's definition: within one call, compute and memory traffic may overlap), with
+    /// benchmark's definition: within one call, compute and memory traffic may overlap), with
     /// the per-kernel variant in `kernel_seconds`.
     pub fn bound(cfg: &ModelConfig, w: &Workload, m: &Machine) -> Roofline {
         Self::bound_with(cfg, w, m, F32)
