@@ -854,36 +854,24 @@ impl Engine {
         if rows.is_empty() {
             return Ok(());
         }
-        // Greedy rows on the CPU: ids straight from the head's kernel; else its logits.
-        let fused = if self.greedy_only(rows) {
-            head.argmax_rows(hidden)?
-        } else {
-            None
-        };
-        let logits = match fused {
-            Some(ids) => Err(ids),
-            None => Ok(head.forward(hidden)?),
-        };
-        self.split_point()?;
-        let t = Instant::now();
-        let ids = match logits {
-            Err(ids) => ids,
-            // One argmax on the device and a copy of one id per row.
-            Ok(l) if !l.device().is_cpu() && self.greedy_only(rows) => {
-                l.argmax(candle_core::D::Minus1)?.to_vec1()?
-            }
-            Ok(l) => {
-                let chosen = self.sample_on_host(&l, rows)?;
-                self.record(chosen, out, lps, hit_eos);
-                self.stats.sampling_s += t.elapsed().as_secs_f64();
+        let greedy = self.greedy_only(rows);
+        if greedy {
+            // On the CPU: the ids straight from the head's kernel, no logits.
+            if let Some(ids) = head.argmax_rows(hidden)? {
+                self.record(greedy_picks(rows, ids), out, lps, hit_eos);
                 return Ok(());
             }
+        }
+        let logits = head.forward(hidden)?;
+        self.split_point()?;
+        let t = Instant::now();
+        let chosen = if greedy && !logits.device().is_cpu() {
+            // One argmax on the device and a copy of one id per row.
+            let ids = logits.argmax(candle_core::D::Minus1)?.to_vec1()?;
+            greedy_picks(rows, ids)
+        } else {
+            self.sample_on_host(&logits, rows)?
         };
-        let chosen = rows
-            .iter()
-            .zip(ids)
-            .map(|(&r, tok)| (r, tok, None))
-            .collect();
         self.record(chosen, out, lps, hit_eos);
         self.stats.sampling_s += t.elapsed().as_secs_f64();
         Ok(())
@@ -952,4 +940,12 @@ impl Engine {
             })
             .collect())
     }
+}
+
+/// `(row, token, no logprobs)` for greedy `rows` and their `ids`, in order.
+fn greedy_picks(rows: &[usize], ids: Vec<u32>) -> Vec<(usize, u32, Option<TokenLogprob>)> {
+    rows.iter()
+        .zip(ids)
+        .map(|(&r, tok)| (r, tok, None))
+        .collect()
 }

@@ -121,21 +121,9 @@ impl Sampler {
 
 /// Index of the first maximum (as `torch.argmax`).
 pub fn argmax(xs: &[f32]) -> u32 {
-    // Lane-wise maxima over 16 lanes (vectorized), then the first index holding the maximum:
-    // the same answer as the scalar scan (first maximum, NaN never wins), at memory speed.
-    const LANES: usize = 16;
-    let mut lanes = [f32::NEG_INFINITY; LANES];
-    let chunks = xs.chunks_exact(LANES);
-    let tail = chunks.remainder();
-    for c in chunks {
-        for (l, &x) in lanes.iter_mut().zip(c) {
-            *l = if x > *l { x } else { *l };
-        }
-    }
-    let m = lanes
-        .iter()
-        .chain(tail)
-        .fold(f32::NEG_INFINITY, |a, &x| if x > a { x } else { a });
+    // The maximum vectorized, then the first index holding it: the same answer as the scalar
+    // scan (first maximum, NaN never wins), at memory speed.
+    let m = crate::kernels::ops::max_value(xs);
     xs.iter().position(|&x| x == m).unwrap_or(0) as u32
 }
 

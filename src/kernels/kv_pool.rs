@@ -117,10 +117,11 @@ pub struct Group {
     /// `[span * n_q]` (u32): for each (slot, query) the new position it reads its query from.
     pub q_index: Tensor,
     /// `[span, 1, n_q, 1]` (u32): the last cache position each query may attend to (the mask is
-    /// made on the device from it, layer by layer, instead of being uploaded whole).
+    /// made from it on the device instead of being uploaded whole).
     pub limit: Tensor,
-    /// `[span, 1, n_q, t]` (f32) the mask made from `limit` once for every layer, when it is
-    /// small (decode steps); large prompt groups make it layer by layer.
+    /// `[span, 1, n_q, t]` (f32): the mask made from `limit` once for all layers (and shared
+    /// with earlier groups of equal limits) while the step's [`SHARED_MASK_BUDGET`] lasts;
+    /// `None`: made layer by layer.
     pub mask: Option<Tensor>,
 }
 
@@ -306,9 +307,8 @@ impl PoolStep {
                     }
                 }
                 out_rows += span * n_q;
-                let shared = masks.iter().find(|(l, mt, _)| *mt == t && *l == limit);
-                let limit_t = Tensor::from_vec(limit.clone(), (span, 1, n_q, 1), dev)?;
-                let mask = match shared {
+                let limit_t = Tensor::from_slice(&limit, (span, 1, n_q, 1), dev)?;
+                let mask = match masks.iter().find(|(l, mt, _)| *mt == t && *l == limit) {
                     Some((_, _, m)) => Some(m.clone()),
                     None if span * n_q * t <= mask_budget => {
                         mask_budget -= span * n_q * t;
@@ -318,14 +318,13 @@ impl PoolStep {
                     }
                     None => None,
                 };
-                let limit = limit_t;
                 groups.push(Group {
                     lo,
                     span,
                     n_q,
                     t,
                     q_index: Tensor::from_vec(q_index, span * n_q, dev)?,
-                    limit,
+                    limit: limit_t,
                     mask,
                 });
             }

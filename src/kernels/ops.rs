@@ -50,6 +50,24 @@ pub fn matmul_acc(x: &[f32], w: &[f32], m: usize, k: usize, n: usize, y: &mut [f
     }
 }
 
+/// The largest value of `xs` (NaN never wins; `-inf` when empty), as lane-wise maxima over
+/// 16 lanes so that it vectorizes.
+pub fn max_value(xs: &[f32]) -> f32 {
+    const LANES: usize = 16;
+    let mut lanes = [f32::NEG_INFINITY; LANES];
+    let chunks = xs.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for (l, &x) in lanes.iter_mut().zip(c) {
+            *l = if x > *l { x } else { *l };
+        }
+    }
+    lanes
+        .iter()
+        .chain(tail)
+        .fold(f32::NEG_INFINITY, |a, &x| if x > a { x } else { a })
+}
+
 /// Every row of `y` (`[m, bias.len()]`) set to `bias`.
 pub fn fill_rows(y: &mut [f32], bias: &[f32]) {
     for row in y.chunks_exact_mut(bias.len()) {

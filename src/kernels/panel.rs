@@ -11,8 +11,9 @@
 //!
 //! [`super::matmul::matmul_reference`] (on the unpacked matrix) is the plain twin.
 
-use super::OutPtr;
+use super::{ops, OutPtr};
 use rayon::prelude::*;
+use std::ops::Range;
 
 /// Columns per panel (two AVX-512 vectors).
 pub const PANEL: usize = 32;
@@ -114,31 +115,25 @@ pub fn matmul_panels_new(x: &[f32], m: usize, w: &Panels) -> Vec<f32> {
 pub fn argmax_panels(x: &[f32], m: usize, w: &Panels) -> Vec<(u32, f32)> {
     let (k, n) = (w.k, w.n);
     assert_eq!(x.len(), m * k, "x shape");
+    let mut out = vec![(0u32, f32::NEG_INFINITY); m];
     if m == 0 || n == 0 {
-        return vec![(0, f32::NEG_INFINITY); m];
+        return out;
     }
-    let panels = n.div_ceil(PANEL);
-    let (mb, runs, per) = partition(m, k, panels);
-    let mblocks = m.div_ceil(mb);
-    // Per task: the best (column, value) of each of its rows over its panels.
-    let parts: Vec<Vec<(u32, f32)>> = (0..mblocks * runs)
-        .into_par_iter()
-        .map(|t| {
-            let (b, run) = (t / runs, t % runs);
-            let (m0, m1) = (b * mb, ((b + 1) * mb).min(m));
-            let rows = m1 - m0;
-            let x = &x[m0 * k..m1 * k];
-            let mut buf = vec![0f32; rows * PANEL];
-            let mut best = vec![(0u32, f32::NEG_INFINITY); rows];
-            for p in run * per..((run + 1) * per).min(panels) {
+    // Per task: its first row and the best (column, value) of each of its rows.
+    let parts: Vec<(usize, Vec<(u32, f32)>)> = tasks(m, k, n)
+        .map(|(rows, panels)| {
+            let x = &x[rows.start * k..rows.end * k];
+            let mut buf = vec![0f32; rows.len() * PANEL];
+            let mut best = vec![(0u32, f32::NEG_INFINITY); rows.len()];
+            for p in panels {
                 let cols = PANEL.min(n - p * PANEL);
-                // SAFETY: `buf` holds `rows` rows of PANEL floats (row stride PANEL >= cols).
+                // SAFETY: `buf` holds the task's rows of PANEL floats (row stride PANEL >= cols).
                 unsafe {
                     panel_rows(
                         x,
                         k,
                         w.panel(p),
-                        0..rows,
+                        0..rows.len(),
                         buf.as_mut_ptr(),
                         PANEL,
                         cols,
@@ -147,46 +142,37 @@ pub fn argmax_panels(x: &[f32], m: usize, w: &Panels) -> Vec<(u32, f32)> {
                 }
                 for (r, best) in best.iter_mut().enumerate() {
                     let v = &buf[r * PANEL..r * PANEL + cols];
-                    let top = max_lanes(v);
+                    let top = ops::max_value(v);
                     if top > best.1 {
                         let c = v.iter().position(|&y| y == top).unwrap_or(0);
                         *best = ((p * PANEL + c) as u32, top);
                     }
                 }
             }
-            best
+            (rows.start, best)
         })
         .collect();
-    // Tasks of one row block in column order: a later one wins only with a larger value.
-    let mut out = vec![(0u32, f32::NEG_INFINITY); m];
-    for (t, part) in parts.iter().enumerate() {
-        let m0 = (t / runs) * mb;
-        for (r, &(c, v)) in part.iter().enumerate() {
-            if v > out[m0 + r].1 {
-                out[m0 + r] = (c, v);
+    // Tasks of one row block come in column order: a later one wins only with a larger value.
+    for (m0, part) in parts {
+        for (o, (c, v)) in out[m0..].iter_mut().zip(part) {
+            if v > o.1 {
+                *o = (c, v);
             }
         }
     }
     out
 }
 
-/// The largest value of `v` (at most [`PANEL`] floats; NaN never wins), lane-wise so that it
-/// vectorizes.
-fn max_lanes(v: &[f32]) -> f32 {
-    let mut lanes = [f32::NEG_INFINITY; 16];
-    for c in v.chunks(16) {
-        for (l, &y) in lanes.iter_mut().zip(c) {
-            *l = if y > *l { y } else { *l };
-        }
-    }
-    lanes
-        .iter()
-        .fold(f32::NEG_INFINITY, |a, &y| if y > a { y } else { a })
-}
-
-/// How [`run`] splits `m` rows and `panels` panels into tasks: rows per block (all rows at
-/// decode sizes, an L2 share of `x` at prefill sizes), panel runs per block, panels per run.
-fn partition(m: usize, k: usize, panels: usize) -> (usize, usize, usize) {
+/// The parallel tasks of an `[m, k] x [k, n]` panel product, each `(rows, panels)`: row blocks
+/// whose `x` stays in L2 while the panels stream past (all rows at decode sizes), then
+/// contiguous runs of panels, a few tasks per thread for balance; the tasks of a row block
+/// come in column order.
+fn tasks(
+    m: usize,
+    k: usize,
+    n: usize,
+) -> impl IndexedParallelIterator<Item = (Range<usize>, Range<usize>)> {
+    let panels = n.div_ceil(PANEL);
     let mb = if m <= 64 {
         m
     } else {
@@ -198,7 +184,14 @@ fn partition(m: usize, k: usize, panels: usize) -> (usize, usize, usize) {
         .min(panels)
         .max(1);
     let per = panels.div_ceil(runs);
-    (mb, panels.div_ceil(per), per)
+    let runs = panels.div_ceil(per);
+    (0..mblocks * runs).into_par_iter().map(move |t| {
+        let (b, run) = (t / runs, t % runs);
+        (
+            b * mb..((b + 1) * mb).min(m),
+            run * per..((run + 1) * per).min(panels),
+        )
+    })
 }
 
 /// [`matmul_panels`] into `y` (`m * N` floats), adding to it when `acc`, else storing.
@@ -211,25 +204,18 @@ unsafe fn run(x: &[f32], m: usize, w: &Panels, y: *mut f32, acc: bool) {
     if m == 0 || n == 0 {
         return;
     }
-    let panels = n.div_ceil(PANEL);
-    // Row blocks whose x stays in L2 while the panels stream past (all rows at decode sizes),
-    // then contiguous runs of panels, a few tasks per thread for balance.
-    let (mb, runs, per) = partition(m, k, panels);
-    let mblocks = m.div_ceil(mb);
     let out = OutPtr(y);
-    (0..mblocks * runs).into_par_iter().for_each(|t| {
-        let (b, run) = (t / runs, t % runs);
-        let (m0, m1) = (b * mb, ((b + 1) * mb).min(m));
-        for p in run * per..((run + 1) * per).min(panels) {
+    tasks(m, k, n).for_each(|(rows, panels)| {
+        for p in panels {
             let cols = PANEL.min(n - p * PANEL);
-            // SAFETY: panel p owns output columns [p * PANEL, p * PANEL + cols) of rows
-            // m0..m1; `y` outlives the loop and has m * n elements.
+            // SAFETY: panel p owns output columns [p * PANEL, p * PANEL + cols) of these
+            // rows; `y` outlives the loop and has m * n elements.
             unsafe {
                 panel_rows(
                     x,
                     k,
                     w.panel(p),
-                    m0..m1,
+                    rows.clone(),
                     out.get().add(p * PANEL),
                     n,
                     cols,
@@ -287,7 +273,7 @@ unsafe fn panel_rows(
     x: &[f32],
     k: usize,
     panel: &[f32],
-    rows: std::ops::Range<usize>,
+    rows: Range<usize>,
     y: *mut f32,
     ldy: usize,
     cols: usize,
