@@ -279,20 +279,24 @@ unsafe fn panel_rows(
     cols: usize,
     acc: bool,
 ) {
-    let last = (rows.end - rows.start)
-        .div_ceil(TILE_ROWS)
-        .saturating_sub(1);
+    let tiles = (rows.end - rows.start).div_ceil(TILE_ROWS);
     for (t, (r0, n)) in row_tiles(rows.start, rows.end).enumerate() {
         let x = &x[r0 * k..(r0 + n) * k];
-        // The first tile streams the panel from memory (prefetching a little ahead); when
-        // later tiles re-read it from L2, the last of them prefetches the next panel (they lie
-        // back to back), so the memory stream never waits for a tile's arithmetic.
-        let ahead = if t == last && t > 0 {
-            k * PANEL
+        // What the tile prefetches while it computes (one address per weight row):
+        // - a lone tile streams its own panel from memory, a little ahead;
+        // - several tiles share the fetch of the next panel (they lie back to back), tile t
+        //   taking the t-th share, so the memory stream runs at an even pace under all of
+        //   them and every tile finds its panel in L2.
+        let (pf, stride) = if tiles == 1 {
+            (panel.as_ptr().wrapping_add(PREFETCH), PANEL)
         } else {
-            PREFETCH
+            let next = panel.as_ptr().wrapping_add(k * PANEL);
+            (
+                next.wrapping_add(t * k * PANEL / tiles),
+                PANEL.div_ceil(tiles),
+            )
         };
-        tile(x, n, k, panel, ahead, y.add(r0 * ldy), ldy, cols, acc)
+        tile(x, n, k, panel, pf, stride, y.add(r0 * ldy), ldy, cols, acc)
     }
 }
 
@@ -317,7 +321,8 @@ unsafe fn tile(
     rows: usize,
     k: usize,
     panel: &[f32],
-    ahead: usize,
+    pf: *const f32,
+    stride: usize,
     y: *mut f32,
     ldy: usize,
     cols: usize,
@@ -326,18 +331,18 @@ unsafe fn tile(
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx512f") {
         return match rows {
-            12 => tile_avx512::<12>(x, k, panel, ahead, y, ldy, cols, acc),
-            11 => tile_avx512::<11>(x, k, panel, ahead, y, ldy, cols, acc),
-            10 => tile_avx512::<10>(x, k, panel, ahead, y, ldy, cols, acc),
-            9 => tile_avx512::<9>(x, k, panel, ahead, y, ldy, cols, acc),
-            8 => tile_avx512::<8>(x, k, panel, ahead, y, ldy, cols, acc),
-            7 => tile_avx512::<7>(x, k, panel, ahead, y, ldy, cols, acc),
-            6 => tile_avx512::<6>(x, k, panel, ahead, y, ldy, cols, acc),
-            5 => tile_avx512::<5>(x, k, panel, ahead, y, ldy, cols, acc),
-            4 => tile_avx512::<4>(x, k, panel, ahead, y, ldy, cols, acc),
-            3 => tile_avx512::<3>(x, k, panel, ahead, y, ldy, cols, acc),
-            2 => tile_avx512::<2>(x, k, panel, ahead, y, ldy, cols, acc),
-            _ => tile_avx512::<1>(x, k, panel, ahead, y, ldy, cols, acc),
+            12 => tile_avx512::<12>(x, k, panel, pf, stride, y, ldy, cols, acc),
+            11 => tile_avx512::<11>(x, k, panel, pf, stride, y, ldy, cols, acc),
+            10 => tile_avx512::<10>(x, k, panel, pf, stride, y, ldy, cols, acc),
+            9 => tile_avx512::<9>(x, k, panel, pf, stride, y, ldy, cols, acc),
+            8 => tile_avx512::<8>(x, k, panel, pf, stride, y, ldy, cols, acc),
+            7 => tile_avx512::<7>(x, k, panel, pf, stride, y, ldy, cols, acc),
+            6 => tile_avx512::<6>(x, k, panel, pf, stride, y, ldy, cols, acc),
+            5 => tile_avx512::<5>(x, k, panel, pf, stride, y, ldy, cols, acc),
+            4 => tile_avx512::<4>(x, k, panel, pf, stride, y, ldy, cols, acc),
+            3 => tile_avx512::<3>(x, k, panel, pf, stride, y, ldy, cols, acc),
+            2 => tile_avx512::<2>(x, k, panel, pf, stride, y, ldy, cols, acc),
+            _ => tile_avx512::<1>(x, k, panel, pf, stride, y, ldy, cols, acc),
         };
     }
     tile_generic(x, rows, k, panel, y, ldy, cols, acc)
@@ -350,7 +355,8 @@ unsafe fn tile_avx512<const R: usize>(
     x: &[f32],
     k: usize,
     panel: &[f32],
-    ahead: usize,
+    pf: *const f32,
+    stride: usize,
     y: *mut f32,
     ldy: usize,
     cols: usize,
@@ -373,9 +379,11 @@ unsafe fn tile_avx512<const R: usize>(
         let w1 = _mm512_loadu_ps(wp.add(kk * PANEL + 16));
         // Prefetch addresses may lie past the panels (the last one's successor): a prefetch
         // never faults, and the pointer is only formed, never read.
-        let pf = wp.wrapping_add(kk * PANEL + ahead);
-        _mm_prefetch::<_MM_HINT_T0>(pf as *const i8);
-        _mm_prefetch::<_MM_HINT_T0>(pf.wrapping_add(16) as *const i8);
+        let p = pf.wrapping_add(kk * stride);
+        _mm_prefetch::<_MM_HINT_T0>(p as *const i8);
+        if stride > 16 {
+            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(16) as *const i8);
+        }
         for (r, a) in acc.iter_mut().enumerate() {
             let xb = _mm512_set1_ps(*xp.add(r * k + kk));
             a[0] = _mm512_fmadd_ps(xb, w0, a[0]);
