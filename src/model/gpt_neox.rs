@@ -24,7 +24,7 @@ use crate::kernels::attention::{self, KvCache, KvDtype, Rotary, RowSpec};
 use crate::kernels::kv_pool::{self, KvPool, PoolStep};
 use crate::kernels::panel::{self, Panels};
 use crate::kernels::train_attention::CausalAttentionOp;
-use crate::kernels::{matmul, ops, with_capacity_huge, zeroed};
+use crate::kernels::{matmul, ops, zeroed};
 use candle_core::{DType, Device, Tensor, D};
 use std::sync::Arc;
 
@@ -611,46 +611,60 @@ impl NeoX {
         if caches.first().is_some_and(|c| c.slot().is_some()) {
             return self.forward_pooled(x, rows, caches);
         }
-        let n = x.dim(0)?;
-        if n > PREFILL_CHUNK && rows.len() > 1 {
-            // Rows are independent: run them in groups of at most PREFILL_CHUNK positions
-            // (whole rows) so a large batch of long prompts keeps its buffers cache-sized.
-            let mut outs = Vec::new();
-            let (mut r0, mut p0) = (0, 0);
-            while r0 < rows.len() {
-                let (mut r1, mut len) = (r0 + 1, rows[r0].n_new);
-                while r1 < rows.len() && len + rows[r1].n_new <= PREFILL_CHUNK {
-                    len += rows[r1].n_new;
-                    r1 += 1;
-                }
-                let xs = x.narrow(0, p0, len)?;
-                outs.push(self.forward_host(&xs, &rows[r0..r1], &mut caches[r0..r1])?);
-                (r0, p0) = (r1, p0 + len);
+        let (n, w) = x.dims2()?;
+        let x = x.contiguous()?;
+        let xs = HostView::new(&x)?;
+        // Rows are independent: a large batch of long prompts runs in groups of at most
+        // PREFILL_CHUNK positions (whole rows), so its buffers stay cache-sized; one set of
+        // buffers serves every group.
+        let mut groups = Vec::new();
+        let (mut r0, mut p0) = (0, 0);
+        while r0 < rows.len() {
+            let (mut r1, mut len) = (r0 + 1, rows[r0].n_new);
+            while r1 < rows.len() && len + rows[r1].n_new <= PREFILL_CHUNK {
+                len += rows[r1].n_new;
+                r1 += 1;
             }
-            return Ok(Tensor::cat(&outs, 0)?);
+            groups.push((r0..r1, p0..p0 + len));
+            (r0, p0) = (r1, p0 + len);
         }
-        self.forward_host(x, rows, caches)
+        let most = groups.iter().map(|g| g.1.len()).max().unwrap_or(0);
+        let mut buf = Scratch::new(most, w, self.cfg.intermediate_size);
+        let mut out = vec![0f32; n * w];
+        for (rs, ps) in groups {
+            let (xs, out) = (
+                &xs.get()[ps.start * w..ps.end * w],
+                &mut out[ps.start * w..ps.end * w],
+            );
+            self.forward_host(xs, &rows[rs.clone()], &mut caches[rs], &mut buf, out)?;
+        }
+        Ok(Tensor::from_vec(out, (n, w), x.device())?)
     }
 
-    /// [`NeoX::forward_cached`] on host buffers, all rows at once.
+    /// [`NeoX::forward_cached`] on host buffers for one group of rows: `x` and `out` are
+    /// `[N, W]`.
     fn forward_host(
         &self,
-        x: &Tensor,
+        x: &[f32],
         rows: &[RowSpec],
         caches: &mut [&mut KvCache],
-    ) -> Result<Tensor> {
-        let (n, w) = x.dims2()?;
+        buf: &mut Scratch,
+        out: &mut [f32],
+    ) -> Result<()> {
+        let w = self.cfg.hidden_size;
+        let n = x.len() / w;
         let (nh, hd) = self.heads();
         let f = self.cfg.intermediate_size;
         let eps = self.cfg.layer_norm_eps as f32;
         let exact_gelu = self.cfg.hidden_act == "gelu";
-        let mut h = with_capacity_huge(n * w); // residual stream [N, W]
-        h.extend_from_slice(HostView::new(&x.contiguous()?)?.get());
-        let mut a = zeroed(n * w, 0f32); // LayerNorm output
-        let mut qkv = zeroed(n * 3 * w, 0f32);
-        let mut o = zeroed(n * w, 0f32); // attention output
-        let mut m = zeroed(n * f, 0f32); // MLP hidden
-                                         // Long fresh prompts take the matmul path for attention.
+        // Every buffer is overwritten before it is read.
+        let h = &mut buf.h[..n * w]; // residual stream [N, W]
+        h.copy_from_slice(x);
+        let a = &mut buf.a[..n * w]; // LayerNorm output
+        let qkv = &mut buf.qkv[..n * 3 * w];
+        let o = &mut buf.o[..n * w]; // attention output
+        let m = &mut buf.m[..n * f]; // MLP hidden
+                                     // Long fresh prompts take the matmul path for attention.
         let dense: Vec<bool> = rows
             .iter()
             .zip(caches.iter())
@@ -658,12 +672,12 @@ impl NeoX {
             .collect();
         for (li, layer) in self.layers.iter().enumerate() {
             let lw = HostLayer::new(layer)?;
-            ops::layer_norm(&h, lw.ln_in.0.get(), lw.ln_in.1.get(), eps, &mut a);
-            ops::fill_rows(&mut qkv, lw.qkv.1.get());
-            lw.qkv.0.acc(&a, n, &mut qkv);
+            ops::layer_norm(h, lw.ln_in.0.get(), lw.ln_in.1.get(), eps, a);
+            ops::fill_rows(qkv, lw.qkv.1.get());
+            lw.qkv.0.acc(a, n, qkv);
             attention::cached_attention_split(
-                &qkv,
-                &mut o,
+                qkv,
+                o,
                 rows,
                 caches,
                 li,
@@ -682,27 +696,27 @@ impl NeoX {
             }
             if self.cfg.use_parallel_residual {
                 // y = x + dense(o) + MLP(LN_post(x))
-                ops::layer_norm(&h, lw.ln_post.0.get(), lw.ln_post.1.get(), eps, &mut a);
-                self.mlp_hidden(&lw, &a, &mut m, n, exact_gelu);
-                ops::add_rows(&mut h, lw.dense.1.get());
-                ops::add_rows(&mut h, lw.fc2.1.get());
-                lw.dense.0.acc(&o, n, &mut h);
-                lw.fc2.0.acc(&m, n, &mut h);
+                ops::layer_norm(h, lw.ln_post.0.get(), lw.ln_post.1.get(), eps, a);
+                self.mlp_hidden(&lw, a, m, n, exact_gelu);
+                ops::add_rows(h, lw.dense.1.get());
+                ops::add_rows(h, lw.fc2.1.get());
+                lw.dense.0.acc(o, n, h);
+                lw.fc2.0.acc(m, n, h);
             } else {
                 // y = x + dense(o); y = y + MLP(LN_post(y))
-                ops::add_rows(&mut h, lw.dense.1.get());
-                lw.dense.0.acc(&o, n, &mut h);
-                ops::layer_norm(&h, lw.ln_post.0.get(), lw.ln_post.1.get(), eps, &mut a);
-                self.mlp_hidden(&lw, &a, &mut m, n, exact_gelu);
-                ops::add_rows(&mut h, lw.fc2.1.get());
-                lw.fc2.0.acc(&m, n, &mut h);
+                ops::add_rows(h, lw.dense.1.get());
+                lw.dense.0.acc(o, n, h);
+                ops::layer_norm(h, lw.ln_post.0.get(), lw.ln_post.1.get(), eps, a);
+                self.mlp_hidden(&lw, a, m, n, exact_gelu);
+                ops::add_rows(h, lw.fc2.1.get());
+                lw.fc2.0.acc(m, n, h);
             }
         }
         attention::commit(rows, caches);
         let fw = HostView::new(&self.final_layer_norm.weight)?;
         let fb = HostView::new(&self.final_layer_norm.bias)?;
-        ops::layer_norm(&h, fw.get(), fb.get(), eps, &mut a);
-        Ok(Tensor::from_vec(a, (n, w), x.device())?)
+        ops::layer_norm(h, fw.get(), fb.get(), eps, out);
+        Ok(())
     }
 
     /// [`NeoX::forward_cached`] over caches that are slots of one [`KvPool`]: the tensor path
@@ -798,6 +812,29 @@ impl NeoX {
         ops::fill_rows(m, lw.fc1.1.get());
         lw.fc1.0.acc(a, n, m);
         ops::gelu(m, exact);
+    }
+}
+
+/// Activation buffers of [`NeoX::forward_host`], sized for its largest group of positions
+/// and reused by every group (no zero-fill and no fresh pages per group).
+struct Scratch {
+    h: Vec<f32>,
+    a: Vec<f32>,
+    qkv: Vec<f32>,
+    o: Vec<f32>,
+    m: Vec<f32>,
+}
+
+impl Scratch {
+    /// Room for `n` positions of width `w` and MLP width `f`.
+    fn new(n: usize, w: usize, f: usize) -> Self {
+        Self {
+            h: zeroed(n * w, 0f32),
+            a: zeroed(n * w, 0f32),
+            qkv: zeroed(n * 3 * w, 0f32),
+            o: zeroed(n * w, 0f32),
+            m: zeroed(n * f, 0f32),
+        }
     }
 }
 
