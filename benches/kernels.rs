@@ -44,6 +44,8 @@ fn cold_matmuls() {
         (8192, 256, 768),
         (8192, 256, 1024),
         (8192, 1024, 256),
+        (8192, 256, 4096),
+        (8192, 4096, 256),
     ] {
         let copies = if m > 64 {
             2
@@ -70,6 +72,15 @@ fn cold_matmuls() {
             c = (c + 1) % copies;
             matmul_panels(&x, m, &ps[c], &mut y);
         });
+        if m > 64 {
+            let q = time(reps, || {
+                c = (c + 1) % copies;
+                std::hint::black_box(blockformer::kernels::panel::matmul_panels_new(
+                    &x, m, &ps[c],
+                ));
+            });
+            println!("store-only {:.3}", q * 1e3);
+        }
         let bound = f64::max(2.0 * (m * k * n) as f64 / flops, (k * n * 4) as f64 / bw);
         println!(
             "{:>18} {:>10.3} {:>10.3} {:>10.3} {:>7.0}%",

@@ -144,6 +144,17 @@ pub fn gelu(x: &mut [f32], exact: bool) {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn gelu_avx512(x: &mut [f32], exact: bool) {
+    map16(x, |v| gelu16(v, exact));
+}
+
+/// GELU of one vector of 16 lanes (see [`gelu_avx512`]).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+pub(crate) unsafe fn gelu16(
+    v: std::arch::x86_64::__m512,
+    exact: bool,
+) -> std::arch::x86_64::__m512 {
     use std::arch::x86_64::*;
     #[allow(clippy::excessive_precision)] // the published coefficients
     const P: [f32; 10] = [
@@ -160,36 +171,33 @@ unsafe fn gelu_avx512(x: &mut [f32], exact: bool) {
     ];
     let one = _mm512_set1_ps(1.0);
     let half = _mm512_set1_ps(0.5);
-    let run = |v: __m512| -> __m512 {
-        if exact {
-            let z = _mm512_mul_ps(
-                _mm512_abs_ps(v),
-                _mm512_set1_ps(std::f32::consts::FRAC_1_SQRT_2),
-            );
-            let t = _mm512_div_ps(one, _mm512_fmadd_ps(half, z, one));
-            let mut p = _mm512_set1_ps(P[9]);
-            for &c in P[..9].iter().rev() {
-                p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(c));
-            }
-            let erfc = _mm512_mul_ps(t, exp16(_mm512_fnmadd_ps(z, z, p)));
-            let half_erfc = _mm512_mul_ps(half, erfc);
-            let neg = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(v, _mm512_setzero_ps());
-            let cdf = _mm512_mask_blend_ps(neg, _mm512_sub_ps(one, half_erfc), half_erfc);
-            _mm512_mul_ps(v, cdf)
-        } else {
-            let u = _mm512_mul_ps(
-                _mm512_set1_ps(SQRT_2_OVER_PI),
-                _mm512_fmadd_ps(
-                    _mm512_mul_ps(_mm512_set1_ps(0.044715), v),
-                    _mm512_mul_ps(v, v),
-                    v,
-                ),
-            );
-            let e = exp16(_mm512_mul_ps(_mm512_set1_ps(-2.0), u));
-            _mm512_div_ps(v, _mm512_add_ps(one, e))
+    if exact {
+        let z = _mm512_mul_ps(
+            _mm512_abs_ps(v),
+            _mm512_set1_ps(std::f32::consts::FRAC_1_SQRT_2),
+        );
+        let t = _mm512_div_ps(one, _mm512_fmadd_ps(half, z, one));
+        let mut p = _mm512_set1_ps(P[9]);
+        for &c in P[..9].iter().rev() {
+            p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(c));
         }
-    };
-    map16(x, run);
+        let erfc = _mm512_mul_ps(t, exp16(_mm512_fnmadd_ps(z, z, p)));
+        let half_erfc = _mm512_mul_ps(half, erfc);
+        let neg = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(v, _mm512_setzero_ps());
+        let cdf = _mm512_mask_blend_ps(neg, _mm512_sub_ps(one, half_erfc), half_erfc);
+        _mm512_mul_ps(v, cdf)
+    } else {
+        let u = _mm512_mul_ps(
+            _mm512_set1_ps(SQRT_2_OVER_PI),
+            _mm512_fmadd_ps(
+                _mm512_mul_ps(_mm512_set1_ps(0.044715), v),
+                _mm512_mul_ps(v, v),
+                v,
+            ),
+        );
+        let e = exp16(_mm512_mul_ps(_mm512_set1_ps(-2.0), u));
+        _mm512_div_ps(v, _mm512_add_ps(one, e))
+    }
 }
 
 /// Applies `f` to `x` 16 lanes at a time (the tail under a mask).

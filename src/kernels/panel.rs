@@ -87,11 +87,67 @@ fn fill_panel(panel: &mut [f32], p: usize, k: usize, n: usize, at: impl Fn(usize
     }
 }
 
+/// What a product does with each element `v` of `x W` as it leaves the registers.
+#[derive(Clone, Copy, Debug)]
+pub enum Epilogue<'a> {
+    /// `y += v`
+    Add,
+    /// `y = v`
+    Store,
+    /// `y = v + b[column]`
+    Bias(&'a [f32]),
+    /// `y = gelu(v + b[column])`, exact (erf) when `true`, else the tanh form
+    /// ([`ops::gelu_one`]).
+    BiasGelu(&'a [f32], bool),
+}
+
+impl Epilogue<'_> {
+    fn reads_y(&self) -> bool {
+        matches!(self, Epilogue::Add)
+    }
+
+    fn bias(&self) -> Option<&[f32]> {
+        match self {
+            Epilogue::Bias(b) | Epilogue::BiasGelu(b, _) => Some(b),
+            _ => None,
+        }
+    }
+
+    /// The same epilogue for the columns from `col` on (a panel's share of the bias).
+    fn at(self, col: usize) -> Self {
+        match self {
+            Epilogue::Bias(b) => Epilogue::Bias(&b[col..]),
+            Epilogue::BiasGelu(b, exact) => Epilogue::BiasGelu(&b[col..], exact),
+            other => other,
+        }
+    }
+
+    /// The scalar form (the reference tile).
+    fn apply(&self, y: f32, v: f32, col: usize) -> f32 {
+        match *self {
+            Epilogue::Add => y + v,
+            Epilogue::Store => v,
+            Epilogue::Bias(b) => v + b[col],
+            Epilogue::BiasGelu(b, exact) => ops::gelu_one(v + b[col], exact),
+        }
+    }
+}
+
 /// `y += x W`: `x` is `[m, K]`, `y` is `[m, N]`, both row-major.
 pub fn matmul_panels(x: &[f32], m: usize, w: &Panels, y: &mut [f32]) {
+    matmul_panels_with(x, m, w, y, Epilogue::Add)
+}
+
+/// `x W` into `y` (`[m, N]`) through `epi`: the bias and the activation of a linear layer
+/// are applied in registers, so `y` is written once and never read (a separate bias fill,
+/// accumulation and activation pass would each stream it through memory).
+pub fn matmul_panels_with(x: &[f32], m: usize, w: &Panels, y: &mut [f32], epi: Epilogue) {
     assert_eq!(y.len(), m * w.n, "y shape");
+    if let Some(b) = epi.bias() {
+        assert_eq!(b.len(), w.n, "bias length");
+    }
     // SAFETY: y holds m * n floats.
-    unsafe { run(x, m, w, y.as_mut_ptr(), true) }
+    unsafe { run(x, m, w, y.as_mut_ptr(), epi) }
 }
 
 /// `x W` into a new `[m, N]` buffer, written once without a zero-fill first (the LM head's
@@ -101,7 +157,7 @@ pub fn matmul_panels_new(x: &[f32], m: usize, w: &Panels) -> Vec<f32> {
     // SAFETY: the buffer has room for m * n floats; `run` stores every one of them (each
     // panel's valid columns of every row), so the length can then cover them.
     unsafe {
-        run(x, m, w, y.as_mut_ptr(), false);
+        run(x, m, w, y.as_mut_ptr(), Epilogue::Store);
         y.set_len(m * w.n);
     }
     y
@@ -137,7 +193,7 @@ pub fn argmax_panels(x: &[f32], m: usize, w: &Panels) -> Vec<(u32, f32)> {
                         buf.as_mut_ptr(),
                         PANEL,
                         cols,
-                        false,
+                        Epilogue::Store,
                     )
                 }
                 for (r, best) in best.iter_mut().enumerate() {
@@ -194,11 +250,11 @@ fn tasks(
     })
 }
 
-/// [`matmul_panels`] into `y` (`m * N` floats), adding to it when `acc`, else storing.
+/// [`matmul_panels_with`] into `y` (`m * N` floats).
 ///
 /// # Safety
-/// `y` must be valid for writes of `m * N` floats (and reads, when `acc`).
-unsafe fn run(x: &[f32], m: usize, w: &Panels, y: *mut f32, acc: bool) {
+/// `y` must be valid for writes of `m * N` floats (and reads, when `epi` adds).
+unsafe fn run(x: &[f32], m: usize, w: &Panels, y: *mut f32, epi: Epilogue) {
     let (k, n) = (w.k, w.n);
     assert_eq!(x.len(), m * k, "x shape");
     if m == 0 || n == 0 {
@@ -219,7 +275,7 @@ unsafe fn run(x: &[f32], m: usize, w: &Panels, y: *mut f32, acc: bool) {
                     out.get().add(p * PANEL),
                     n,
                     cols,
-                    acc,
+                    epi.at(p * PANEL),
                 )
             }
         }
@@ -256,15 +312,15 @@ pub fn matmul_panels_serial(
                 y.as_mut_ptr().add(p * PANEL),
                 ldy,
                 c,
-                false,
+                Epilogue::Store,
             )
         }
     }
 }
 
-/// Rows `rows` of `x` (row stride `k`) against one panel, added into (`acc`) or stored to `y`
-/// (which points at the panel's first column of row 0; row stride `ldy`, `cols` valid
-/// columns), a register tile at a time.
+/// Rows `rows` of `x` (row stride `k`) against one panel, through `epi` (whose bias starts at
+/// the panel's first column) into `y` (which points at the panel's first column of row 0; row
+/// stride `ldy`, `cols` valid columns), a register tile at a time.
 ///
 /// # Safety
 /// `y` must be valid for rows `rows` of `cols` floats at stride `ldy`.
@@ -277,7 +333,7 @@ unsafe fn panel_rows(
     y: *mut f32,
     ldy: usize,
     cols: usize,
-    acc: bool,
+    epi: Epilogue,
 ) {
     let tiles = (rows.end - rows.start).div_ceil(TILE_ROWS);
     for (t, (r0, n)) in row_tiles(rows.start, rows.end).enumerate() {
@@ -296,7 +352,7 @@ unsafe fn panel_rows(
                 PANEL.div_ceil(tiles),
             )
         };
-        tile(x, n, k, panel, pf, stride, y.add(r0 * ldy), ldy, cols, acc)
+        tile(x, n, k, panel, pf, stride, y.add(r0 * ldy), ldy, cols, epi)
     }
 }
 
@@ -326,26 +382,26 @@ unsafe fn tile(
     y: *mut f32,
     ldy: usize,
     cols: usize,
-    acc: bool,
+    epi: Epilogue,
 ) {
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx512f") {
         return match rows {
-            12 => tile_avx512::<12>(x, k, panel, pf, stride, y, ldy, cols, acc),
-            11 => tile_avx512::<11>(x, k, panel, pf, stride, y, ldy, cols, acc),
-            10 => tile_avx512::<10>(x, k, panel, pf, stride, y, ldy, cols, acc),
-            9 => tile_avx512::<9>(x, k, panel, pf, stride, y, ldy, cols, acc),
-            8 => tile_avx512::<8>(x, k, panel, pf, stride, y, ldy, cols, acc),
-            7 => tile_avx512::<7>(x, k, panel, pf, stride, y, ldy, cols, acc),
-            6 => tile_avx512::<6>(x, k, panel, pf, stride, y, ldy, cols, acc),
-            5 => tile_avx512::<5>(x, k, panel, pf, stride, y, ldy, cols, acc),
-            4 => tile_avx512::<4>(x, k, panel, pf, stride, y, ldy, cols, acc),
-            3 => tile_avx512::<3>(x, k, panel, pf, stride, y, ldy, cols, acc),
-            2 => tile_avx512::<2>(x, k, panel, pf, stride, y, ldy, cols, acc),
-            _ => tile_avx512::<1>(x, k, panel, pf, stride, y, ldy, cols, acc),
+            12 => tile_avx512::<12>(x, k, panel, pf, stride, y, ldy, cols, epi),
+            11 => tile_avx512::<11>(x, k, panel, pf, stride, y, ldy, cols, epi),
+            10 => tile_avx512::<10>(x, k, panel, pf, stride, y, ldy, cols, epi),
+            9 => tile_avx512::<9>(x, k, panel, pf, stride, y, ldy, cols, epi),
+            8 => tile_avx512::<8>(x, k, panel, pf, stride, y, ldy, cols, epi),
+            7 => tile_avx512::<7>(x, k, panel, pf, stride, y, ldy, cols, epi),
+            6 => tile_avx512::<6>(x, k, panel, pf, stride, y, ldy, cols, epi),
+            5 => tile_avx512::<5>(x, k, panel, pf, stride, y, ldy, cols, epi),
+            4 => tile_avx512::<4>(x, k, panel, pf, stride, y, ldy, cols, epi),
+            3 => tile_avx512::<3>(x, k, panel, pf, stride, y, ldy, cols, epi),
+            2 => tile_avx512::<2>(x, k, panel, pf, stride, y, ldy, cols, epi),
+            _ => tile_avx512::<1>(x, k, panel, pf, stride, y, ldy, cols, epi),
         };
     }
-    tile_generic(x, rows, k, panel, y, ldy, cols, acc)
+    tile_generic(x, rows, k, panel, y, ldy, cols, epi)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -360,9 +416,10 @@ unsafe fn tile_avx512<const R: usize>(
     y: *mut f32,
     ldy: usize,
     cols: usize,
-    add: bool,
+    epi: Epilogue,
 ) {
     use std::arch::x86_64::*;
+    let add = epi.reads_y();
     debug_assert!(x.len() >= R * k && panel.len() >= k * PANEL);
     // The output lines are read at the end: start fetching them now (rows of a wide output
     // such as the LM head's logits lie in different pages, far from the cache).
@@ -402,12 +459,31 @@ unsafe fn tile_avx512<const R: usize>(
     } else {
         0
     };
+    // The bias of the panel's columns (zero beyond them), and the activation.
+    let (b0, b1) = match epi.bias() {
+        Some(b) => (
+            _mm512_maskz_loadu_ps(m0, b.as_ptr()),
+            _mm512_maskz_loadu_ps(m1, b.as_ptr().add(16)),
+        ),
+        None => (_mm512_setzero_ps(), _mm512_setzero_ps()),
+    };
+    let gelu = match epi {
+        Epilogue::BiasGelu(_, exact) => Some(exact),
+        _ => None,
+    };
     for (r, a) in acc.iter().enumerate() {
         let yr = y.add(r * ldy);
         let (mut v0, mut v1) = (a[0], a[1]);
         if add {
             v0 = _mm512_add_ps(_mm512_maskz_loadu_ps(m0, yr), v0);
             v1 = _mm512_add_ps(_mm512_maskz_loadu_ps(m1, yr.add(16)), v1);
+        } else if epi.bias().is_some() {
+            v0 = _mm512_add_ps(v0, b0);
+            v1 = _mm512_add_ps(v1, b1);
+        }
+        if let Some(exact) = gelu {
+            v0 = ops::gelu16(v0, exact);
+            v1 = ops::gelu16(v1, exact);
         }
         _mm512_mask_storeu_ps(yr, m0, v0);
         _mm512_mask_storeu_ps(yr.add(16), m1, v1);
@@ -423,7 +499,7 @@ unsafe fn tile_generic(
     y: *mut f32,
     ldy: usize,
     cols: usize,
-    add: bool,
+    epi: Epilogue,
 ) {
     for r in 0..rows {
         let mut acc = [0f32; PANEL];
@@ -435,7 +511,7 @@ unsafe fn tile_generic(
         }
         for (c, a) in acc.iter().enumerate().take(cols) {
             let yc = y.add(r * ldy + c);
-            *yc = if add { *yc + a } else { *a };
+            *yc = epi.apply(*yc, *a, c);
         }
     }
 }
@@ -497,6 +573,26 @@ mod tests {
             assert_eq!(y.len(), m * n);
             for (a, b) in y.iter().zip(&want) {
                 assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "new {m}x{k}x{n}");
+            }
+            // Bias and bias + GELU in the epilogue: the separate passes, bit for bit.
+            let bias: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let packed = Panels::pack(&w, k, n);
+            for exact in [None, Some(false), Some(true)] {
+                let mut want = vec![0f32; m * n];
+                ops::fill_rows(&mut want, &bias);
+                matmul_panels(&x, m, &packed, &mut want);
+                let epi = match exact {
+                    None => Epilogue::Bias(&bias),
+                    Some(e) => {
+                        ops::gelu(&mut want, e);
+                        Epilogue::BiasGelu(&bias, e)
+                    }
+                };
+                let mut y = vec![f32::NAN; m * n];
+                matmul_panels_with(&x, m, &packed, &mut y, epi);
+                for (i, (a, b)) in y.iter().zip(&want).enumerate() {
+                    assert_eq!(a.to_bits(), b.to_bits(), "{epi:?} {m}x{k}x{n} at {i}");
+                }
             }
             // Argmax without the product: the scan of the stored rows, bit for bit.
             let best = argmax_panels(&x, m, &Panels::pack(&w, k, n));

@@ -22,7 +22,7 @@ use crate::config::NeoXConfig;
 use crate::error::Result;
 use crate::kernels::attention::{self, KvCache, KvDtype, Rotary, RowSpec};
 use crate::kernels::kv_pool::{self, KvPool, PoolStep};
-use crate::kernels::panel::{self, Panels};
+use crate::kernels::panel::{self, Epilogue, Panels};
 use crate::kernels::train_attention::CausalAttentionOp;
 use crate::kernels::{matmul, ops, zeroed};
 use candle_core::{DType, Device, Tensor, D};
@@ -256,9 +256,24 @@ enum HostWeight<'a> {
 impl HostWeight<'_> {
     /// `y += x W` for `x [m, in]`, `y [m, out]`.
     fn acc(&self, x: &[f32], m: usize, y: &mut [f32]) {
+        self.product(x, m, y, Epilogue::Add)
+    }
+
+    /// `x W` through `epi` into `y` (packed: in the kernel's registers; dense: in passes).
+    fn product(&self, x: &[f32], m: usize, y: &mut [f32], epi: Epilogue) {
         match self {
-            HostWeight::Dense(w, (k, n)) => ops::matmul_acc(x, w.get(), m, *k, *n, y),
-            HostWeight::Packed(p) => panel::matmul_panels(x, m, p, y),
+            HostWeight::Packed(p) => panel::matmul_panels_with(x, m, p, y, epi),
+            HostWeight::Dense(w, (k, n)) => {
+                match epi {
+                    Epilogue::Add => {}
+                    Epilogue::Store => y.fill(0.0),
+                    Epilogue::Bias(b) | Epilogue::BiasGelu(b, _) => ops::fill_rows(y, b),
+                }
+                ops::matmul_acc(x, w.get(), m, *k, *n, y);
+                if let Epilogue::BiasGelu(_, exact) = epi {
+                    ops::gelu(y, exact);
+                }
+            }
         }
     }
 }
@@ -673,8 +688,7 @@ impl NeoX {
         for (li, layer) in self.layers.iter().enumerate() {
             let lw = HostLayer::new(layer)?;
             ops::layer_norm(h, lw.ln_in.0.get(), lw.ln_in.1.get(), eps, a);
-            ops::fill_rows(qkv, lw.qkv.1.get());
-            lw.qkv.0.acc(a, n, qkv);
+            lw.qkv.0.product(a, n, qkv, Epilogue::Bias(lw.qkv.1.get()));
             attention::cached_attention_split(
                 qkv,
                 o,
@@ -809,9 +823,9 @@ impl NeoX {
 
     /// `m = gelu(a W_1 + b_1)`.
     fn mlp_hidden(&self, lw: &HostLayer, a: &[f32], m: &mut [f32], n: usize, exact: bool) {
-        ops::fill_rows(m, lw.fc1.1.get());
-        lw.fc1.0.acc(a, n, m);
-        ops::gelu(m, exact);
+        lw.fc1
+            .0
+            .product(a, n, m, Epilogue::BiasGelu(lw.fc1.1.get(), exact));
     }
 }
 
