@@ -439,9 +439,21 @@ fn run_tasks<T: KvElem>(
         }
         first += spec.n_new;
     }
+    // Each task prefetches the keys and values of the one after it (usually the next one its
+    // thread takes): at short contexts every task is a short stream that would start cold.
+    let ahead: Vec<Ahead> = tasks
+        .iter()
+        .skip(1)
+        .map(|t| Ahead {
+            k: t.k.as_ptr() as usize,
+            v: t.v.as_ptr() as usize,
+            bytes: (t.past + t.spec.n_new) * head_dim * std::mem::size_of::<T>(),
+        })
+        .chain([Ahead::NONE])
+        .collect();
     let out_ptr = OutPtr(out.as_mut_ptr());
     let scale = 1.0 / (head_dim as f32).sqrt();
-    tasks.into_par_iter().for_each(|t| {
+    tasks.into_par_iter().zip(ahead).for_each(|(t, ahead)| {
         let mut q = [0f32; MAX_HEAD_DIM];
         let q = &mut q[..head_dim];
         for i in 0..t.spec.n_new {
@@ -471,12 +483,14 @@ fn run_tasks<T: KvElem>(
                 o.copy_from_slice(q);
                 continue;
             }
-            attend_online::<T>(
+            let last = i + 1 == t.spec.n_new;
+            attend_online_ahead::<T>(
                 q,
                 &t.k[..(slot + 1) * head_dim],
                 &t.v[..(slot + 1) * head_dim],
                 scale,
                 o,
+                if last { ahead } else { Ahead::NONE },
             );
         }
     });
@@ -587,11 +601,42 @@ pub fn commit(rows: &[RowSpec], caches: &mut [&mut KvCache]) {
 /// element type `E`. AVX-512 and AVX2 builds of the same code are selected at run time.
 #[inline]
 pub fn attend_online<E: KvElem>(q: &[f32], keys: &[E], values: &[E], scale: f32, out: &mut [f32]) {
+    attend_online_ahead(q, keys, values, scale, out, Ahead::NONE)
+}
+
+/// Cache rows to prefetch while attending: the next task's keys and values (`bytes` of each
+/// from addresses `k` and `v`; a prefetch never faults, the addresses are never read).
+#[derive(Clone, Copy, Debug)]
+pub struct Ahead {
+    k: usize,
+    v: usize,
+    bytes: usize,
+}
+
+impl Ahead {
+    pub const NONE: Ahead = Ahead {
+        k: 0,
+        v: 0,
+        bytes: 0,
+    };
+}
+
+/// [`attend_online`], prefetching `ahead` at the pace of its own reads (the same share of
+/// the next rows per chunk of keys).
+#[inline]
+pub fn attend_online_ahead<E: KvElem>(
+    q: &[f32],
+    keys: &[E],
+    values: &[E],
+    scale: f32,
+    out: &mut [f32],
+    ahead: Ahead,
+) {
     #[cfg(target_arch = "x86_64")]
     {
         if std::is_x86_feature_detected!("avx512f") {
             // SAFETY: the CPU supports AVX-512F.
-            return unsafe { attend_avx512(q, keys, values, scale, out) };
+            return unsafe { attend_avx512(q, keys, values, scale, out, ahead) };
         }
         if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
             // SAFETY: the CPU supports AVX2 and FMA.
@@ -616,6 +661,7 @@ unsafe fn attend_avx512<E: KvElem>(
     values: &[E],
     scale: f32,
     out: &mut [f32],
+    ahead: Ahead,
 ) {
     use std::arch::x86_64::*;
     let hd = q.len();
@@ -635,8 +681,22 @@ unsafe fn attend_avx512<E: KvElem>(
     let (mut m, mut l) = (f32::NEG_INFINITY, 0f32);
     let mut s = [0f32; CHUNK];
     let t = keys.len() / hd;
+    let row_bytes = hd * std::mem::size_of::<E>();
+    // Each chunk prefetches the next rows' share at the same offsets; first, the part of the
+    // next rows beyond this task's length (at most 4 KiB: a much longer row trains the
+    // hardware prefetcher by then).
+    let prefetch = |lo: usize, hi: usize| {
+        let mut at = lo;
+        while at < hi.min(ahead.bytes) {
+            _mm_prefetch::<_MM_HINT_T0>(ahead.k.wrapping_add(at) as *const i8);
+            _mm_prefetch::<_MM_HINT_T0>(ahead.v.wrapping_add(at) as *const i8);
+            at += 64;
+        }
+    };
+    prefetch(t * row_bytes, t * row_bytes + 4096);
     for c0 in (0..t).step_by(CHUNK) {
         let c = CHUNK.min(t - c0);
+        prefetch(c0 * row_bytes, (c0 + c) * row_bytes);
         for (j, sj) in s[..c].iter_mut().enumerate() {
             let k = E::view(&keys[(c0 + j) * hd..(c0 + j + 1) * hd], &mut kb[..hd]).as_ptr();
             let mut d = _mm512_mul_ps(qv[0], _mm512_loadu_ps(k));
