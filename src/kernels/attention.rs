@@ -453,47 +453,51 @@ fn run_tasks<T: KvElem>(
         .collect();
     let out_ptr = OutPtr(out.as_mut_ptr());
     let scale = 1.0 / (head_dim as f32).sqrt();
-    tasks.into_par_iter().zip(ahead).for_each(|(t, ahead)| {
-        let mut q = [0f32; MAX_HEAD_DIM];
-        let q = &mut q[..head_dim];
-        for i in 0..t.spec.n_new {
-            let g = t.first + i;
-            let base = g * 3 * w + t.head * 3 * head_dim;
-            let pos = t.spec.pos0 + i * t.spec.pos_stride;
-            let slot = t.past + i;
-            q.copy_from_slice(&qkv[base..base + head_dim]);
-            rotary.apply(q, pos);
-            let mut kr = [0f32; MAX_HEAD_DIM];
-            let kr = &mut kr[..head_dim];
-            kr.copy_from_slice(&qkv[base + head_dim..base + 2 * head_dim]);
-            rotary.apply(kr, pos);
-            T::store(kr, &mut t.k[slot * head_dim..(slot + 1) * head_dim]);
-            T::store(
-                &qkv[base + 2 * head_dim..base + 3 * head_dim],
-                &mut t.v[slot * head_dim..(slot + 1) * head_dim],
-            );
-            // SAFETY: slot (g, head) is written by this task only; `out` outlives the loop.
-            let o = unsafe {
-                std::slice::from_raw_parts_mut(
-                    out_ptr.get().add(g * w + t.head * head_dim),
-                    head_dim,
-                )
-            };
-            if t.write_only {
-                o.copy_from_slice(q);
-                continue;
+    tasks
+        .into_par_iter()
+        .zip(ahead)
+        .with_min_len(super::min_len())
+        .for_each(|(t, ahead)| {
+            let mut q = [0f32; MAX_HEAD_DIM];
+            let q = &mut q[..head_dim];
+            for i in 0..t.spec.n_new {
+                let g = t.first + i;
+                let base = g * 3 * w + t.head * 3 * head_dim;
+                let pos = t.spec.pos0 + i * t.spec.pos_stride;
+                let slot = t.past + i;
+                q.copy_from_slice(&qkv[base..base + head_dim]);
+                rotary.apply(q, pos);
+                let mut kr = [0f32; MAX_HEAD_DIM];
+                let kr = &mut kr[..head_dim];
+                kr.copy_from_slice(&qkv[base + head_dim..base + 2 * head_dim]);
+                rotary.apply(kr, pos);
+                T::store(kr, &mut t.k[slot * head_dim..(slot + 1) * head_dim]);
+                T::store(
+                    &qkv[base + 2 * head_dim..base + 3 * head_dim],
+                    &mut t.v[slot * head_dim..(slot + 1) * head_dim],
+                );
+                // SAFETY: slot (g, head) is written by this task only; `out` outlives the loop.
+                let o = unsafe {
+                    std::slice::from_raw_parts_mut(
+                        out_ptr.get().add(g * w + t.head * head_dim),
+                        head_dim,
+                    )
+                };
+                if t.write_only {
+                    o.copy_from_slice(q);
+                    continue;
+                }
+                let last = i + 1 == t.spec.n_new;
+                attend_online_ahead::<T>(
+                    q,
+                    &t.k[..(slot + 1) * head_dim],
+                    &t.v[..(slot + 1) * head_dim],
+                    scale,
+                    o,
+                    if last { ahead } else { Ahead::NONE },
+                );
             }
-            let last = i + 1 == t.spec.n_new;
-            attend_online_ahead::<T>(
-                q,
-                &t.k[..(slot + 1) * head_dim],
-                &t.v[..(slot + 1) * head_dim],
-                scale,
-                o,
-                if last { ahead } else { Ahead::NONE },
-            );
-        }
-    });
+        });
 }
 
 /// Queries per task of [`prefill_dense`]: a tile's scores (`[DENSE_TILE, keys]`) stay in L2,

@@ -8,6 +8,36 @@ pub mod ops;
 pub mod panel;
 pub mod train_attention;
 
+thread_local! {
+    /// Set while the calling thread runs one share of work its caller already split across
+    /// threads ([`serial`]).
+    static SERIAL: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with the kernels' parallel loops kept on the calling thread: for a caller that
+/// already gave each thread its own share (e.g. rows of a decode step), where forking every
+/// small kernel again would cost more than it gains.
+pub fn serial<R>(f: impl FnOnce() -> R) -> R {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            SERIAL.set(self.0);
+        }
+    }
+    let _restore = Restore(SERIAL.replace(true));
+    f()
+}
+
+/// The least items one job of a kernel's parallel loop takes (`with_min_len`): all of them
+/// inside [`serial`], so the loop runs on the calling thread.
+pub(crate) fn min_len() -> usize {
+    if SERIAL.get() {
+        usize::MAX
+    } else {
+        1
+    }
+}
+
 /// Raw output pointer shared by parallel tasks that each write their own disjoint part of one
 /// buffer (attention: `(position, head)` slots; panel matmul: column panels).
 #[derive(Clone, Copy)]

@@ -99,6 +99,7 @@ pub fn layer_norm(x: &[f32], weight: &[f32], bias: &[f32], eps: f32, out: &mut [
     if rows * d >= 1 << 16 {
         x.par_chunks_exact(d)
             .zip(out.par_chunks_exact_mut(d))
+            .with_min_len(super::min_len())
             .for_each(body);
     } else {
         x.chunks_exact(d)

@@ -241,13 +241,16 @@ fn tasks(
         .max(1);
     let per = panels.div_ceil(runs);
     let runs = panels.div_ceil(per);
-    (0..mblocks * runs).into_par_iter().map(move |t| {
-        let (b, run) = (t / runs, t % runs);
-        (
-            b * mb..((b + 1) * mb).min(m),
-            run * per..((run + 1) * per).min(panels),
-        )
-    })
+    (0..mblocks * runs)
+        .into_par_iter()
+        .with_min_len(super::min_len())
+        .map(move |t| {
+            let (b, run) = (t / runs, t % runs);
+            (
+                b * mb..((b + 1) * mb).min(m),
+                run * per..((run + 1) * per).min(panels),
+            )
+        })
 }
 
 /// [`matmul_panels_with`] into `y` (`m * N` floats).

@@ -419,6 +419,12 @@ impl Layer {
 /// whole rows (the bench's memory model counts the same).
 pub const PREFILL_CHUNK: usize = 8192;
 
+/// Row-parallel host steps ([`NeoX::row_parallel`]): at least this many rows per thread, at
+/// most this many positions, layers of at most this many bytes.
+const ROW_PARALLEL_MIN_ROWS: usize = 8;
+const ROW_PARALLEL_MAX_POSITIONS: usize = 1024;
+const ROW_PARALLEL_MAX_LAYER_BYTES: usize = 4 << 20;
+
 /// Fresh prompts at least this long compute attention with matmuls ([`attention::prefill_dense`]).
 const DENSE_PREFILL_MIN: usize = 64;
 
@@ -629,6 +635,30 @@ impl NeoX {
         let (n, w) = x.dims2()?;
         let x = x.contiguous()?;
         let xs = HostView::new(&x)?;
+        let threads = rayon::current_num_threads();
+        if self.row_parallel(n, rows.len(), threads) {
+            let mut out = vec![0f32; n * w];
+            let mut jobs = Vec::with_capacity(threads);
+            let (mut caches, mut outs, mut r0, mut p0) = (caches, &mut out[..], 0, 0);
+            for t in 0..threads {
+                let r1 = rows.len() * (t + 1) / threads;
+                let len: usize = rows[r0..r1].iter().map(|r| r.n_new).sum();
+                let (c, rest_c) = std::mem::take(&mut caches).split_at_mut(r1 - r0);
+                let (o, rest_o) = std::mem::take(&mut outs).split_at_mut(len * w);
+                jobs.push((&rows[r0..r1], c, &xs.get()[p0 * w..(p0 + len) * w], o));
+                (caches, outs, r0, p0) = (rest_c, rest_o, r1, p0 + len);
+            }
+            let f = self.cfg.intermediate_size;
+            use rayon::prelude::*;
+            jobs.into_par_iter()
+                .try_for_each(|(rows, caches, xs, out)| {
+                    crate::kernels::serial(|| {
+                        let mut buf = Scratch::new(rows.iter().map(|r| r.n_new).sum(), w, f);
+                        self.forward_host(xs, rows, caches, &mut buf, out)
+                    })
+                })?;
+            return Ok(Tensor::from_vec(out, (n, w), x.device())?);
+        }
         // Rows are independent: a large batch of long prompts runs in groups of at most
         // PREFILL_CHUNK positions (whole rows), so its buffers stay cache-sized; one set of
         // buffers serves every group.
@@ -654,6 +684,21 @@ impl NeoX {
             self.forward_host(xs, &rows[rs.clone()], &mut caches[rs], &mut buf, out)?;
         }
         Ok(Tensor::from_vec(out, (n, w), x.device())?)
+    }
+
+    /// Whether a host step runs as one share of whole rows per thread, each thread the whole
+    /// stack on its rows with every kernel inside serial, instead of forking each kernel: for
+    /// decode-sized steps of stacks whose layers are small. There a kernel's share of work is
+    /// a few microseconds, about the cost of a fork/join, while the weights each thread now
+    /// reads again stay in the shared L3 (`block_main_b4_5`'s token decoder: ~20 small kernels
+    /// a step).
+    fn row_parallel(&self, n: usize, rows: usize, threads: usize) -> bool {
+        let (w, f) = (self.cfg.hidden_size, self.cfg.intermediate_size);
+        let layer_bytes = 4 * (4 * w * w + 2 * w * f);
+        threads > 1
+            && rows >= ROW_PARALLEL_MIN_ROWS * threads
+            && n <= ROW_PARALLEL_MAX_POSITIONS
+            && layer_bytes <= ROW_PARALLEL_MAX_LAYER_BYTES
     }
 
     /// [`NeoX::forward_cached`] on host buffers for one group of rows: `x` and `out` are
