@@ -453,3 +453,25 @@ fn long_prompt_batches_prefill_in_groups_with_the_same_result() {
         assert_eq!(together[i], alone, "row {i}");
     }
 }
+
+#[test]
+fn wide_batches_split_by_rows_across_threads_decode_the_same() {
+    // 20 rows on 2 threads: decode steps of these small stacks run one share of rows per
+    // thread (`NeoX::row_parallel`); every row must decode as it does alone.
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(2)
+        .build()
+        .unwrap();
+    pool.install(|| {
+        for (name, model) in models() {
+            let reqs: Vec<GenRequest> = (0..20)
+                .map(|i| GenRequest::greedy(prompt(1 + (i * 7) % 13, i as u32), 9))
+                .collect();
+            let together = run(&model, &reqs, 20);
+            for (i, r) in reqs.iter().enumerate() {
+                let alone = run(&model, std::slice::from_ref(r), 1).remove(0);
+                assert_eq!(together[i], alone, "{name}: row {i}");
+            }
+        }
+    });
+}
