@@ -562,6 +562,9 @@ pub fn default_cache_path() -> Option<PathBuf> {
     Some(base.join("blockformer").join("probe.json"))
 }
 
+/// Seconds of matmuls before the probe times one.
+const WARM_UP_S: f64 = 0.5;
+
 impl Machine {
     /// Measures matmul FLOP/s (`n x n x n`, best of `reps`) and bandwidth over a buffer of
     /// `buffer_mib` MiB (best of `reps`), on rayon's current thread count.
@@ -572,7 +575,12 @@ impl Machine {
         let dev = Device::Cpu;
         let a = Tensor::randn(0f32, 1.0, (n, n), &dev)?;
         let b = Tensor::randn(0f32, 1.0, (n, n), &dev)?;
-        let _ = a.matmul(&b)?; // warm-up: thread pool, page faults
+        // Warm-up: thread pool, page faults, and half a second for the cores to reach their
+        // working clock (a probe straight after an idle spell read half the speed).
+        let warm = Instant::now();
+        while warm.elapsed().as_secs_f64() < WARM_UP_S {
+            std::hint::black_box(a.matmul(&b)?);
+        }
         let mut best = f64::MAX;
         for _ in 0..reps {
             let t = Instant::now();
