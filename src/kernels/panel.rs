@@ -463,13 +463,12 @@ unsafe fn tile_avx512<const R: usize>(
         0
     };
     // The bias of the panel's columns (zero beyond them), and the activation.
-    let (b0, b1) = match epi.bias() {
-        Some(b) => (
+    let bias = epi.bias().map(|b| {
+        (
             _mm512_maskz_loadu_ps(m0, b.as_ptr()),
             _mm512_maskz_loadu_ps(m1, b.as_ptr().add(16)),
-        ),
-        None => (_mm512_setzero_ps(), _mm512_setzero_ps()),
-    };
+        )
+    });
     let gelu = match epi {
         Epilogue::BiasGelu(_, exact) => Some(exact),
         _ => None,
@@ -480,7 +479,8 @@ unsafe fn tile_avx512<const R: usize>(
         if add {
             v0 = _mm512_add_ps(_mm512_maskz_loadu_ps(m0, yr), v0);
             v1 = _mm512_add_ps(_mm512_maskz_loadu_ps(m1, yr.add(16)), v1);
-        } else if epi.bias().is_some() {
+        }
+        if let Some((b0, b1)) = bias {
             v0 = _mm512_add_ps(v0, b0);
             v1 = _mm512_add_ps(v1, b1);
         }

@@ -635,53 +635,44 @@ impl NeoX {
         let (n, w) = x.dims2()?;
         let x = x.contiguous()?;
         let xs = HostView::new(&x)?;
+        let f = self.cfg.intermediate_size;
+        // Rows are independent. A row-parallel step gives each thread one share of whole rows;
+        // otherwise a large batch of long prompts runs in groups of at most PREFILL_CHUNK
+        // positions (whole rows), so its buffers stay cache-sized, one set serving every group.
         let threads = rayon::current_num_threads();
-        if self.row_parallel(n, rows.len(), threads) {
-            let mut out = vec![0f32; n * w];
-            let mut jobs = Vec::with_capacity(threads);
-            let (mut caches, mut outs, mut r0, mut p0) = (caches, &mut out[..], 0, 0);
-            for t in 0..threads {
-                let r1 = rows.len() * (t + 1) / threads;
-                let len: usize = rows[r0..r1].iter().map(|r| r.n_new).sum();
-                let (c, rest_c) = std::mem::take(&mut caches).split_at_mut(r1 - r0);
-                let (o, rest_o) = std::mem::take(&mut outs).split_at_mut(len * w);
-                jobs.push((&rows[r0..r1], c, &xs.get()[p0 * w..(p0 + len) * w], o));
-                (caches, outs, r0, p0) = (rest_c, rest_o, r1, p0 + len);
-            }
-            let f = self.cfg.intermediate_size;
+        let row_parallel = self.row_parallel(n, rows.len(), threads);
+        let ends: Vec<usize> = if row_parallel {
+            (1..=threads).map(|t| rows.len() * t / threads).collect()
+        } else {
+            prefill_group_ends(rows)
+        };
+        // Each part: its rows, their caches, inputs and outputs.
+        let mut out = vec![0f32; n * w];
+        let mut parts = Vec::with_capacity(ends.len());
+        let (mut caches, mut outs, mut r0, mut p0) = (caches, &mut out[..], 0, 0);
+        for r1 in ends {
+            let len: usize = rows[r0..r1].iter().map(|r| r.n_new).sum();
+            let (c, rest_c) = std::mem::take(&mut caches).split_at_mut(r1 - r0);
+            let (o, rest_o) = std::mem::take(&mut outs).split_at_mut(len * w);
+            parts.push((&rows[r0..r1], c, &xs.get()[p0 * w..(p0 + len) * w], o));
+            (caches, outs, r0, p0) = (rest_c, rest_o, r1, p0 + len);
+        }
+        if row_parallel {
             use rayon::prelude::*;
-            jobs.into_par_iter()
+            parts
+                .into_par_iter()
                 .try_for_each(|(rows, caches, xs, out)| {
                     crate::kernels::serial(|| {
-                        let mut buf = Scratch::new(rows.iter().map(|r| r.n_new).sum(), w, f);
+                        let mut buf = Scratch::new(xs.len() / w, w, f);
                         self.forward_host(xs, rows, caches, &mut buf, out)
                     })
                 })?;
-            return Ok(Tensor::from_vec(out, (n, w), x.device())?);
-        }
-        // Rows are independent: a large batch of long prompts runs in groups of at most
-        // PREFILL_CHUNK positions (whole rows), so its buffers stay cache-sized; one set of
-        // buffers serves every group.
-        let mut groups = Vec::new();
-        let (mut r0, mut p0) = (0, 0);
-        while r0 < rows.len() {
-            let (mut r1, mut len) = (r0 + 1, rows[r0].n_new);
-            while r1 < rows.len() && len + rows[r1].n_new <= PREFILL_CHUNK {
-                len += rows[r1].n_new;
-                r1 += 1;
+        } else {
+            let most = parts.iter().map(|p| p.2.len() / w).max().unwrap_or(0);
+            let mut buf = Scratch::new(most, w, f);
+            for (rows, caches, xs, out) in parts {
+                self.forward_host(xs, rows, caches, &mut buf, out)?;
             }
-            groups.push((r0..r1, p0..p0 + len));
-            (r0, p0) = (r1, p0 + len);
-        }
-        let most = groups.iter().map(|g| g.1.len()).max().unwrap_or(0);
-        let mut buf = Scratch::new(most, w, self.cfg.intermediate_size);
-        let mut out = vec![0f32; n * w];
-        for (rs, ps) in groups {
-            let (xs, out) = (
-                &xs.get()[ps.start * w..ps.end * w],
-                &mut out[ps.start * w..ps.end * w],
-            );
-            self.forward_host(xs, &rows[rs.clone()], &mut caches[rs], &mut buf, out)?;
         }
         Ok(Tensor::from_vec(out, (n, w), x.device())?)
     }
@@ -872,6 +863,24 @@ impl NeoX {
             .0
             .product(a, n, m, Epilogue::BiasGelu(lw.fc1.1.get(), exact));
     }
+}
+
+/// Ends (exclusive row indices) of the groups of whole rows of at most [`PREFILL_CHUNK`]
+/// positions each (a longer row is a group alone).
+fn prefill_group_ends(rows: &[RowSpec]) -> Vec<usize> {
+    let mut ends = Vec::new();
+    let mut len = 0;
+    for (i, r) in rows.iter().enumerate() {
+        if len > 0 && len + r.n_new > PREFILL_CHUNK {
+            ends.push(i);
+            len = 0;
+        }
+        len += r.n_new;
+    }
+    if !rows.is_empty() {
+        ends.push(rows.len());
+    }
+    ends
 }
 
 /// Activation buffers of [`NeoX::forward_host`], sized for its largest group of positions
