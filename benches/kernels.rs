@@ -1,7 +1,7 @@
 //! `cargo bench --bench kernels`: the hand-written kernels against the library path at decode
 //! shapes (the weights of `block_main_b4_85` / `vanilla_70`).
 
-use blockformer::kernels::attention::{cached_attention, KvCache, Rotary, RowSpec};
+use blockformer::kernels::attention::{attend_online, cached_attention, KvCache, Rotary, RowSpec};
 use blockformer::kernels::matmul::matmul_skinny;
 use candle_core::{Device, Tensor};
 use std::time::Instant;
@@ -97,44 +97,74 @@ fn cold_matmuls() {
 }
 
 /// Batched decode attention over cold caches (64 rows x 8 heads, context 1024, K+V well beyond
-/// the L3), at the head sizes of the presets: GB/s of cache read.
+/// the L3), at the head sizes of the presets: GB/s of cache read. `ATT_CTX=128,640,2048` sets
+/// the contexts and `ATT_CAP=2176` the caches' capacity (default: context + 1).
 fn decode_attention() {
+    let ctxs: Vec<usize> = std::env::var("ATT_CTX")
+        .ok()
+        .map(|v| v.split(',').filter_map(|x| x.parse().ok()).collect())
+        .unwrap_or_else(|| vec![1024]);
+    let cap_env: Option<usize> = std::env::var("ATT_CAP").ok().and_then(|v| v.parse().ok());
     for hd in [32usize, 64] {
-        let (rows, heads, ctx) = (64usize, 8usize, 1024usize);
-        let w = heads * hd;
-        let rot = Rotary::new(hd / 4, 10000.0, 2048);
-        let mut caches: Vec<KvCache> = (0..rows)
-            .map(|_| KvCache::new(1, heads, hd, ctx + 1))
-            .collect();
-        let specs = vec![RowSpec::arange(1, ctx); rows];
-        for (r, c) in caches.iter_mut().enumerate() {
-            // Varied keys, so the running maximum moves as in real decoding.
-            let prefill: Vec<f32> = (0..ctx * 3 * w)
-                .map(|i| (((i * 7919 + r * 104729) % 1000) as f32 / 500.0 - 1.0) * 0.5)
+        for &ctx in &ctxs {
+            let (rows, heads) = (64usize, 8usize);
+            let cap = cap_env.unwrap_or(ctx + 1);
+            let w = heads * hd;
+            let rot = Rotary::new(hd / 4, 10000.0, 2048);
+            let mut caches: Vec<KvCache> =
+                (0..rows).map(|_| KvCache::new(1, heads, hd, cap)).collect();
+            let specs = vec![RowSpec::arange(1, ctx); rows];
+            for (r, c) in caches.iter_mut().enumerate() {
+                // Varied keys, so the running maximum moves as in real decoding.
+                let prefill: Vec<f32> = (0..ctx * 3 * w)
+                    .map(|i| (((i * 7919 + r * 104729) % 1000) as f32 / 500.0 - 1.0) * 0.5)
+                    .collect();
+                let mut out = vec![0f32; ctx * w];
+                let spec = [RowSpec::arange(ctx, 0)];
+                cached_attention(&prefill, &mut out, &spec, &mut [c], 0, &rot, heads, hd);
+                blockformer::kernels::attention::commit(&spec, &mut [c]);
+            }
+            let qkv: Vec<f32> = (0..rows * 3 * w)
+                .map(|i| ((i % 13) as f32 - 6.0) * 0.1)
                 .collect();
-            let mut out = vec![0f32; ctx * w];
-            let spec = [RowSpec::arange(ctx, 0)];
-            cached_attention(&prefill, &mut out, &spec, &mut [c], 0, &rot, heads, hd);
-            blockformer::kernels::attention::commit(&spec, &mut [c]);
-        }
-        let qkv: Vec<f32> = (0..rows * 3 * w)
-            .map(|i| ((i % 13) as f32 - 6.0) * 0.1)
-            .collect();
-        let mut out = vec![0f32; rows * w];
-        let t = time(20, || {
-            let mut refs: Vec<&mut KvCache> = caches.iter_mut().collect();
-            cached_attention(&qkv, &mut out, &specs, &mut refs, 0, &rot, heads, hd);
-        });
-        let bytes = (rows * heads * ctx * hd * 2 * 4) as f64;
-        println!(
+            let mut out = vec![0f32; rows * w];
+            let t = time(20, || {
+                let mut refs: Vec<&mut KvCache> = caches.iter_mut().collect();
+                cached_attention(&qkv, &mut out, &specs, &mut refs, 0, &rot, heads, hd);
+            });
+            let bytes = (rows * heads * ctx * hd * 2 * 4) as f64;
+            println!(
             "decode attention {rows} rows x {heads} heads x {hd}, context {ctx}: {:.2} ms, {:.1} GB/s of K+V",
             t * 1e3,
             bytes / t / 1e9
+        );
+        }
+    }
+}
+
+/// One thread attending over keys and values that stay in L2 (1024 positions): the kernel's
+/// arithmetic speed, in GB/s of K+V it could consume.
+fn hot_attention() {
+    for hd in [32usize, 64] {
+        let t = 1024;
+        let q: Vec<f32> = (0..hd).map(|i| (i % 5) as f32 * 0.1).collect();
+        let kv: Vec<f32> = (0..t * hd)
+            .map(|i| (i * 7919 % 1000) as f32 / 500.0 - 1.0)
+            .collect();
+        let mut out = vec![0f32; hd];
+        let secs = time(2000, || attend_online(&q, &kv, &kv, 0.2, &mut out));
+        println!(
+            "hot attention 1 query x {t} keys x {hd}: {:.2} us, {:.1} GB/s of K+V",
+            secs * 1e6,
+            (2 * t * hd * 4) as f64 / secs / 1e9
         );
     }
 }
 
 fn main() {
+    if std::env::args().any(|a| a == "hot") {
+        return hot_attention();
+    }
     if std::env::args().any(|a| a == "cold") {
         return cold_matmuls();
     }

@@ -160,11 +160,14 @@ enum KvStore {
 /// What a cache element must do: be stored from float32, and read back as float32 (in place
 /// where it already is, else widened into the caller's buffer).
 pub trait KvElem: Copy + Send + Sync + 'static {
+    /// Whether elements are IEEE float16 (else float32).
+    const HALF: bool;
     fn store(src: &[f32], dst: &mut [Self]);
     fn view<'a>(src: &'a [Self], buf: &'a mut [f32]) -> &'a [f32];
 }
 
 impl KvElem for f32 {
+    const HALF: bool = false;
     #[inline(always)]
     fn store(src: &[f32], dst: &mut [f32]) {
         dst.copy_from_slice(src);
@@ -176,6 +179,7 @@ impl KvElem for f32 {
 }
 
 impl KvElem for f16 {
+    const HALF: bool = true;
     #[inline(always)]
     fn store(src: &[f32], dst: &mut [f16]) {
         dst.convert_from_f32_slice(src);
@@ -616,6 +620,12 @@ pub fn attend_online<E: KvElem>(q: &[f32], keys: &[E], values: &[E], scale: f32,
 /// Longest keys (and values) of one task that the previous task prefetches, in bytes.
 const AHEAD_MAX_BYTES: usize = 32 << 10;
 
+/// How far ahead of its reads a task prefetches its own keys and values, in bytes. The
+/// hardware prefetcher alone left decode attention at 65-80% of the probe's read bandwidth
+/// (it restarts at every 4 KiB page); 2-4 KiB ahead reached 90-100% (`cargo bench --bench
+/// kernels -- attention`, alternating distances 0 / 2048 / 4096 / 8192).
+const PREFETCH_AHEAD: usize = 4096;
+
 /// Cache rows to prefetch while attending: the next task's keys and values (`bytes` of each
 /// from addresses `k` and `v`; a prefetch never faults, the addresses are never read).
 #[derive(Clone, Copy, Debug)]
@@ -647,8 +657,20 @@ pub fn attend_online_ahead<E: KvElem>(
     #[cfg(target_arch = "x86_64")]
     {
         if std::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU supports AVX-512F.
-            return unsafe { attend_avx512(q, keys, values, scale, out, ahead) };
+            // SAFETY: the CPU supports AVX-512F (and F16C with it).
+            return unsafe {
+                match q.len() {
+                    16 => attend_avx512::<E, 1>(q, keys, values, scale, out, ahead),
+                    32 => attend_avx512::<E, 2>(q, keys, values, scale, out, ahead),
+                    48 => attend_avx512::<E, 3>(q, keys, values, scale, out, ahead),
+                    64 => attend_avx512::<E, 4>(q, keys, values, scale, out, ahead),
+                    80 => attend_avx512::<E, 5>(q, keys, values, scale, out, ahead),
+                    96 => attend_avx512::<E, 6>(q, keys, values, scale, out, ahead),
+                    128 => attend_avx512::<E, 8>(q, keys, values, scale, out, ahead),
+                    256 => attend_avx512::<E, 16>(q, keys, values, scale, out, ahead),
+                    _ => attend_generic(q, keys, values, scale, out),
+                }
+            };
         }
         if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
             // SAFETY: the CPU supports AVX2 and FMA.
@@ -662,12 +684,86 @@ pub fn attend_online_ahead<E: KvElem>(
 #[cfg(target_arch = "x86_64")]
 const CHUNK: usize = 16;
 
-/// The online softmax a chunk of 16 keys at a time: 16 scores, one running-maximum update,
-/// one vector `exp`, then the weighted values (head dims a multiple of 16; others take the
-/// per-key loop).
+/// The prefetches of one attention task: its own keys and values [`PREFETCH_AHEAD`] bytes
+/// ahead of its reads, and the next task's ([`Ahead`]) at the pace of its own reads (the same
+/// share of the next rows per chunk of keys); first, the part of the next rows beyond this
+/// task's length (at most 4 KiB).
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512vl,fma")]
-unsafe fn attend_avx512<E: KvElem>(
+struct Prefetch {
+    ahead: Ahead,
+    k: usize,
+    v: usize,
+    /// Bytes of this task's keys (and of its values).
+    end: usize,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Prefetch {
+    #[inline(always)]
+    fn start(ahead: Ahead, k: usize, v: usize, end: usize) -> Prefetch {
+        let pf = Prefetch { ahead, k, v, end };
+        pf.next_task(end, end + 4096);
+        pf
+    }
+
+    /// Prefetches for a chunk of keys at bytes `lo..hi` of this task.
+    #[inline(always)]
+    fn chunk(&self, lo: usize, hi: usize) {
+        self.next_task(lo, hi);
+        lines(
+            self.k,
+            self.v,
+            lo + PREFETCH_AHEAD,
+            (hi + PREFETCH_AHEAD).min(self.end),
+        );
+    }
+
+    #[inline(always)]
+    fn next_task(&self, lo: usize, hi: usize) {
+        lines(self.ahead.k, self.ahead.v, lo, hi.min(self.ahead.bytes));
+    }
+}
+
+/// Prefetches (into L1) the cache lines at bytes `lo..hi` from addresses `k` and `v`; a
+/// prefetch never faults.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn lines(k: usize, v: usize, lo: usize, hi: usize) {
+    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+    let mut at = lo;
+    while at < hi {
+        // SAFETY: prefetch is a hint that never faults, whatever the address.
+        unsafe {
+            _mm_prefetch::<_MM_HINT_T0>(k.wrapping_add(at) as *const i8);
+            _mm_prefetch::<_MM_HINT_T0>(v.wrapping_add(at) as *const i8);
+        }
+        at += 64;
+    }
+}
+
+/// 16 elements of a cache row at `p`, widened to float32.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,f16c")]
+#[inline]
+unsafe fn load16<E: KvElem>(p: *const E) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    if E::HALF {
+        _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i))
+    } else {
+        _mm512_loadu_ps(p as *const f32)
+    }
+}
+
+/// The online softmax a chunk of 16 keys at a time, for head dim `16 * NV`: 16 lane-wise
+/// products with the query summed by one add tree, one running-maximum update, one vector
+/// `exp`, then the weighted values. The head dim is a constant so that the query, the
+/// accumulators and the chunk's products live in registers (arrays indexed by a run-time head
+/// dim stay in memory, and the accumulator chain then waits on store-to-load forwarding: 3x
+/// slower on L2-resident rows, `cargo bench --bench kernels -- hot`). Two sets of
+/// accumulators, for even and odd keys, halve the chain of dependent FMAs.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vl,fma,f16c")]
+unsafe fn attend_avx512<E: KvElem, const NV: usize>(
     q: &[f32],
     keys: &[E],
     values: &[E],
@@ -676,54 +772,47 @@ unsafe fn attend_avx512<E: KvElem>(
     ahead: Ahead,
 ) {
     use std::arch::x86_64::*;
-    let hd = q.len();
-    if !hd.is_multiple_of(16) {
-        return attend_generic(q, keys, values, scale, out);
-    }
-    let nv = hd / 16;
-    let mut qv = [_mm512_setzero_ps(); MAX_HEAD_DIM / 16];
-    for (i, v) in qv[..nv].iter_mut().enumerate() {
+    let hd = 16 * NV;
+    debug_assert_eq!(q.len(), hd);
+    let t = keys.len() / hd;
+    assert!(
+        values.len() >= t * hd && out.len() >= hd,
+        "attention row shapes"
+    );
+    let mut qv = [_mm512_setzero_ps(); NV];
+    for (i, v) in qv.iter_mut().enumerate() {
         *v = _mm512_mul_ps(
             _mm512_loadu_ps(q.as_ptr().add(16 * i)),
             _mm512_set1_ps(scale),
         );
     }
-    let mut acc = [_mm512_setzero_ps(); MAX_HEAD_DIM / 16];
-    let (mut kb, mut vb) = ([0f32; MAX_HEAD_DIM], [0f32; MAX_HEAD_DIM]);
+    let (mut even, mut odd) = ([_mm512_setzero_ps(); NV], [_mm512_setzero_ps(); NV]);
     let (mut m, mut l) = (f32::NEG_INFINITY, 0f32);
     let mut s = [0f32; CHUNK];
-    let t = keys.len() / hd;
     let row_bytes = hd * std::mem::size_of::<E>();
-    // Each chunk prefetches the next rows' share at the same offsets; first, the part of the
-    // next rows beyond this task's length (at most 4 KiB: a much longer row trains the
-    // hardware prefetcher by then).
-    let prefetch = |lo: usize, hi: usize| {
-        let mut at = lo;
-        while at < hi.min(ahead.bytes) {
-            _mm_prefetch::<_MM_HINT_T0>(ahead.k.wrapping_add(at) as *const i8);
-            _mm_prefetch::<_MM_HINT_T0>(ahead.v.wrapping_add(at) as *const i8);
-            at += 64;
-        }
-    };
-    prefetch(t * row_bytes, t * row_bytes + 4096);
+    let (kp, vp) = (keys.as_ptr(), values.as_ptr());
+    let pf = Prefetch::start(ahead, kp as usize, vp as usize, t * row_bytes);
     for c0 in (0..t).step_by(CHUNK) {
         let c = CHUNK.min(t - c0);
-        prefetch(c0 * row_bytes, (c0 + c) * row_bytes);
-        for (j, sj) in s[..c].iter_mut().enumerate() {
-            let k = E::view(&keys[(c0 + j) * hd..(c0 + j + 1) * hd], &mut kb[..hd]).as_ptr();
-            let mut d = _mm512_mul_ps(qv[0], _mm512_loadu_ps(k));
-            for (i, qi) in qv[1..nv].iter().enumerate() {
-                d = _mm512_fmadd_ps(*qi, _mm512_loadu_ps(k.add(16 * (i + 1))), d);
+        pf.chunk(c0 * row_bytes, (c0 + c) * row_bytes);
+        let mut d = [_mm512_setzero_ps(); CHUNK];
+        for (j, dj) in d.iter_mut().enumerate() {
+            if j < c {
+                let k = kp.add((c0 + j) * hd);
+                let mut acc = _mm512_mul_ps(qv[0], load16(k));
+                for (i, qi) in qv.iter().enumerate().skip(1) {
+                    acc = _mm512_fmadd_ps(*qi, load16(k.add(16 * i)), acc);
+                }
+                *dj = acc;
             }
-            *sj = _mm512_reduce_add_ps(d);
         }
         let live: __mmask16 = if c == CHUNK { 0xffff } else { (1u16 << c) - 1 };
-        let sv = _mm512_maskz_loadu_ps(live, s.as_ptr());
+        let sv = sum_lanes16(&d);
         let cmax = _mm512_mask_reduce_max_ps(live, sv);
         if cmax > m {
             let corr = (m - cmax).exp();
             l *= corr;
-            for a in acc[..nv].iter_mut() {
+            for a in even.iter_mut().chain(odd.iter_mut()) {
                 *a = _mm512_mul_ps(*a, _mm512_set1_ps(corr));
             }
             m = cmax;
@@ -734,18 +823,65 @@ unsafe fn attend_avx512<E: KvElem>(
         );
         l += _mm512_reduce_add_ps(p);
         _mm512_storeu_ps(s.as_mut_ptr(), p);
-        for (j, &pj) in s[..c].iter().enumerate() {
-            let v = E::view(&values[(c0 + j) * hd..(c0 + j + 1) * hd], &mut vb[..hd]).as_ptr();
-            let pb = _mm512_set1_ps(pj);
-            for (i, a) in acc[..nv].iter_mut().enumerate() {
-                *a = _mm512_fmadd_ps(pb, _mm512_loadu_ps(v.add(16 * i)), *a);
+        let mut j = 0;
+        while j + 1 < c {
+            let (v0, v1) = (vp.add((c0 + j) * hd), vp.add((c0 + j + 1) * hd));
+            let (p0, p1) = (_mm512_set1_ps(s[j]), _mm512_set1_ps(s[j + 1]));
+            for (i, (e, o)) in even.iter_mut().zip(odd.iter_mut()).enumerate() {
+                *e = _mm512_fmadd_ps(p0, load16(v0.add(16 * i)), *e);
+                *o = _mm512_fmadd_ps(p1, load16(v1.add(16 * i)), *o);
+            }
+            j += 2;
+        }
+        if j < c {
+            let v0 = vp.add((c0 + j) * hd);
+            let p0 = _mm512_set1_ps(s[j]);
+            for (i, e) in even.iter_mut().enumerate() {
+                *e = _mm512_fmadd_ps(p0, load16(v0.add(16 * i)), *e);
             }
         }
     }
     let inv = _mm512_set1_ps(1.0 / l);
-    for (i, a) in acc[..nv].iter().enumerate() {
-        _mm512_storeu_ps(out.as_mut_ptr().add(16 * i), _mm512_mul_ps(*a, inv));
+    for (i, (e, o)) in even.iter().zip(&odd).enumerate() {
+        _mm512_storeu_ps(
+            out.as_mut_ptr().add(16 * i),
+            _mm512_mul_ps(_mm512_add_ps(*e, *o), inv),
+        );
     }
+}
+
+/// The horizontal sums of 16 vectors as one vector (lane `j` = sum of `d[j]`): a transposing
+/// add tree of 45 shuffles and adds, against 8 per vector for separate reductions.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn sum_lanes16(d: &[std::arch::x86_64::__m512; 16]) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    // Pairs: each 128-bit lane holds [a, b, a, b] partials of vectors (a, b) = (2i, 2i + 1).
+    let mut t = [_mm512_setzero_ps(); 8];
+    for (i, t) in t.iter_mut().enumerate() {
+        let (a, b) = (d[2 * i], d[2 * i + 1]);
+        *t = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+    }
+    // Quads: each 128-bit lane holds one partial of vectors 4i..4i + 4, in order.
+    let mut u = [_mm512_setzero_ps(); 4];
+    for (i, u) in u.iter_mut().enumerate() {
+        let (x, y) = (t[2 * i], t[2 * i + 1]);
+        *u = _mm512_add_ps(
+            _mm512_shuffle_ps::<0b01_00_01_00>(x, y),
+            _mm512_shuffle_ps::<0b11_10_11_10>(x, y),
+        );
+    }
+    // Across 128-bit lanes: lanes 0, 2 of each input plus lanes 1, 3.
+    let fold = |x: __m512, y: __m512| {
+        _mm512_add_ps(
+            _mm512_shuffle_f32x4::<0b10_00_10_00>(x, y),
+            _mm512_shuffle_f32x4::<0b11_01_11_01>(x, y),
+        )
+    };
+    let v0 = fold(u[0], u[1]);
+    let v1 = fold(u[2], u[3]);
+    fold(v0, v1)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -841,6 +977,10 @@ mod tests {
             (16, 32),
             (17, 32),
             (300, 48),
+            (50, 128),
+            (31, 16),
+            (20, 96),
+            (45, 80),
         ] {
             let q = rand_vec(&mut rng, hd);
             let k = rand_vec(&mut rng, t * hd);
@@ -851,6 +991,32 @@ mod tests {
             for (x, y) in a.iter().zip(&b) {
                 assert!((x - y).abs() < 1e-5, "t={t} hd={hd}: {x} vs {y}");
             }
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn add_tree_sums_each_vector_into_its_lane() {
+        if !std::is_x86_feature_detected!("avx512f") {
+            return;
+        }
+        let x: Vec<f32> = (0..256)
+            .map(|i| ((i * 37 % 101) as f32) * 0.25 - 7.0)
+            .collect();
+        // SAFETY: AVX-512F checked above; loads read 16 floats inside `x`.
+        let got = unsafe {
+            use std::arch::x86_64::*;
+            let mut d = [_mm512_setzero_ps(); 16];
+            for (j, d) in d.iter_mut().enumerate() {
+                *d = _mm512_loadu_ps(x.as_ptr().add(16 * j));
+            }
+            let mut out = [0f32; 16];
+            _mm512_storeu_ps(out.as_mut_ptr(), sum_lanes16(&d));
+            out
+        };
+        for (j, g) in got.iter().enumerate() {
+            let want: f32 = x[16 * j..16 * (j + 1)].iter().sum();
+            assert!((g - want).abs() < 1e-4, "lane {j}: {g} vs {want}");
         }
     }
 
