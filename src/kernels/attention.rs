@@ -219,12 +219,12 @@ impl KvCache {
         let n = layers * heads * capacity * head_dim;
         let store = match dtype {
             KvDtype::F32 => KvStore::F32 {
-                k: super::zeroed(n, 0.0),
-                v: super::zeroed(n, 0.0),
+                k: super::zeroed(n),
+                v: super::zeroed(n),
             },
             KvDtype::F16 => KvStore::F16 {
-                k: super::zeroed(n, f16::ZERO),
-                v: super::zeroed(n, f16::ZERO),
+                k: super::zeroed(n),
+                v: super::zeroed(n),
             },
         };
         KvCache {

@@ -897,11 +897,11 @@ impl Scratch {
     /// Room for `n` positions of width `w` and MLP width `f`.
     fn new(n: usize, w: usize, f: usize) -> Self {
         Self {
-            h: zeroed(n * w, 0f32),
-            a: zeroed(n * w, 0f32),
-            qkv: zeroed(n * 3 * w, 0f32),
-            o: zeroed(n * w, 0f32),
-            m: zeroed(n * f, 0f32),
+            h: zeroed(n * w),
+            a: zeroed(n * w),
+            qkv: zeroed(n * 3 * w),
+            o: zeroed(n * w),
+            m: zeroed(n * f),
         }
     }
 }
