@@ -467,17 +467,13 @@ fn run_tasks<T: KvElem>(
         .into_par_iter()
         .with_min_len(super::min_len())
         .for_each(|t| {
-            let mut q = [0f32; MAX_HEAD_DIM];
-            let q = &mut q[..head_dim];
+            let (mut q, mut kr) = ([0f32; MAX_HEAD_DIM], [0f32; MAX_HEAD_DIM]);
+            let (q, kr) = (&mut q[..head_dim], &mut kr[..head_dim]);
             for i in 0..t.spec.n_new {
                 let g = t.first + i;
                 let base = g * 3 * w + t.head * 3 * head_dim;
                 let pos = t.spec.pos0 + i * t.spec.pos_stride;
                 let slot = t.past + i;
-                q.copy_from_slice(&qkv[base..base + head_dim]);
-                rotary.apply(q, pos);
-                let mut kr = [0f32; MAX_HEAD_DIM];
-                let kr = &mut kr[..head_dim];
                 kr.copy_from_slice(&qkv[base + head_dim..base + 2 * head_dim]);
                 rotary.apply(kr, pos);
                 T::store(kr, &mut t.k[slot * head_dim..(slot + 1) * head_dim]);
@@ -493,9 +489,13 @@ fn run_tasks<T: KvElem>(
                     )
                 };
                 if t.write_only {
-                    o.copy_from_slice(q);
+                    // The rotated query, rotated in place in the output.
+                    o.copy_from_slice(&qkv[base..base + head_dim]);
+                    rotary.apply(o, pos);
                     continue;
                 }
+                q.copy_from_slice(&qkv[base..base + head_dim]);
+                rotary.apply(q, pos);
                 let last = i + 1 == t.spec.n_new;
                 attend_online_ahead::<T>(
                     q,
