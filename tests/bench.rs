@@ -4,6 +4,7 @@
 use blockformer::bench::roofline::{cost, Kind, Machine, MemoryModel, Part, Roofline, Workload};
 use blockformer::bench::{self, chart, report, BenchReport, BenchSpec, Setting};
 use blockformer::config::{BlockConfig, EmbedderConfig, ModelConfig, NeoXConfig, Projection};
+use blockformer::kernels::attention::KvDtype;
 use blockformer::model::Model;
 use candle_core::Device;
 use std::process::Command;
@@ -221,13 +222,22 @@ fn memory_model_and_auto_tune() {
     assert_eq!(mm.largest_batch(mm.weights + per - 1, 0, 1000), None);
 
     let model = Model::random(&cfg, 0, &Device::Cpu).unwrap();
-    let mm = bench::memory_model(&model, 3, 3);
+    let mm = bench::memory_model(&model, 3, 3, KvDtype::F32);
     assert_eq!(mm.weights, bench::weight_bytes(&model));
     let per = mm.kv_per_sample + mm.activations_per_sample;
-    let (b, why) = bench::auto_batch(&model, 3, 3, mm.weights + 7 * per + 50, 50, 256).unwrap();
+    let (b, why) = bench::auto_batch(
+        &model,
+        3,
+        3,
+        KvDtype::F32,
+        mm.weights + 7 * per + 50,
+        50,
+        256,
+    )
+    .unwrap();
     assert_eq!(b, 7, "{why}");
     assert!(why.contains("batch 7"), "{why}");
-    let e = bench::auto_batch(&model, 3, 3, mm.weights / 2, 0, 256)
+    let e = bench::auto_batch(&model, 3, 3, KvDtype::F32, mm.weights / 2, 0, 256)
         .unwrap_err()
         .to_string();
     assert!(
@@ -297,8 +307,9 @@ fn runner_measures_tiny_models() {
             assert!(bound.tokens_per_s > 0.0);
             assert!(r.efficiency.unwrap() > 0.0);
             // The memory model's KV bytes are what the engine allocates.
-            let mm = bench::memory_model(&model, 8, 8);
+            let mm = bench::memory_model(&model, 8, 8, KvDtype::F32);
             assert_eq!(r.kv_bytes_per_sample, mm.kv_per_sample, "{name}");
+            assert_eq!(r.kv_elem_bytes, 4);
             assert!(r.memory.peak_rss > 0 && r.memory.expected >= mm.weights);
             rows.push(r);
         }
@@ -552,5 +563,61 @@ fn cli_rejects_bad_flags() {
         let (ok, _, err) = bf(args);
         assert!(!ok, "{args:?} should fail");
         assert!(err.contains(want), "{args:?}: {err}");
+    }
+}
+
+#[test]
+fn float16_caches_halve_the_cache_traffic_the_bound_counts() {
+    // vanilla_70 at 128+2048, batch 16: every attention byte halves, nothing else moves.
+    let cfg = blockformer::config::preset("vanilla_70").unwrap();
+    let w = Workload {
+        batch: 16,
+        prompt_len: 128,
+        new_tokens: 2048,
+    };
+    let f32s = blockformer::bench::roofline::cost_typed(&cfg, &w, 4.0, 4.0, 4.0);
+    let f16s = blockformer::bench::roofline::cost_typed(&cfg, &w, 4.0, 4.0, 2.0);
+    assert_eq!(f32s.len(), f16s.len());
+    for (a, b) in f32s.iter().zip(&f16s) {
+        assert_eq!(a.flops, b.flops);
+        let want = if a.kind == Kind::Attention {
+            a.bytes / 2.0
+        } else {
+            a.bytes
+        };
+        assert!((b.bytes - want).abs() <= 1e-9 * want, "{:?}", a.kind);
+    }
+    let m = machine(4e11, 5e10);
+    let (a, b) = (
+        Roofline::bound_typed(&cfg, &w, &m, 4.0, 4.0, 4.0),
+        Roofline::bound_typed(&cfg, &w, &m, 4.0, 4.0, 2.0),
+    );
+    assert!(
+        b.tokens_per_s > 1.5 * a.tokens_per_s,
+        "{} vs {}",
+        b.tokens_per_s,
+        a.tokens_per_s
+    );
+
+    // The runner: the engine's float16 caches are what the memory model says.
+    let spec = BenchSpec {
+        runs: 1,
+        warmup: 0,
+        kv_dtype: KvDtype::F16,
+        ..Default::default()
+    };
+    for (name, model) in tiny_models() {
+        let w = Workload {
+            batch: 2,
+            prompt_len: 8,
+            new_tokens: 8,
+        };
+        let r = bench::bench_model(&model, name, w, &spec, Some(&m), (0, 0), |_| {}).unwrap();
+        let mm = bench::memory_model(&model, 8, 8, KvDtype::F16);
+        let full = bench::memory_model(&model, 8, 8, KvDtype::F32);
+        assert_eq!(r.kv_elem_bytes, 2, "{name}");
+        assert_eq!(r.kv_bytes_per_sample, mm.kv_per_sample, "{name}");
+        assert!(mm.kv_per_sample < full.kv_per_sample, "{name}");
+        assert_eq!(r.stats.tokens, 16);
     }
 }

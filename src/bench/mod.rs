@@ -16,6 +16,7 @@ pub mod roofline;
 
 use crate::error::{Error, Result};
 use crate::generate::{Engine, EngineOptions, EngineStats, GenRequest, PositionMode};
+use crate::kernels::attention::KvDtype;
 use crate::model::Model;
 use rand::{Rng, SeedableRng};
 use roofline::{Machine, MemoryModel, Roofline, Workload};
@@ -84,6 +85,8 @@ pub struct BenchSpec {
     pub seed: u64,
     /// Wait for the device at each boundary of the time split ([`Engine::set_sync_split`]).
     pub sync_split: bool,
+    /// Element type of the long-lived KV caches on the host path.
+    pub kv_dtype: KvDtype,
 }
 
 impl Default for BenchSpec {
@@ -93,6 +96,7 @@ impl Default for BenchSpec {
             warmup: 1,
             seed: 0,
             sync_split: false,
+            kv_dtype: KvDtype::F32,
         }
     }
 }
@@ -154,6 +158,8 @@ pub struct BenchRow {
     pub runs: Vec<RunMeasure>,
     /// KV-cache bytes per sample, as the engine allocated them.
     pub kv_bytes_per_sample: usize,
+    /// Bytes per element of the long-lived KV caches (4: float32, 2: float16 or bfloat16).
+    pub kv_elem_bytes: usize,
     pub memory: MemoryReport,
     /// Roofline bound on this machine, if probed.
     pub bound: Option<Roofline>,
@@ -231,14 +237,29 @@ pub fn weight_bytes(model: &Model) -> usize {
         + model.packed_bytes()
 }
 
-/// The memory model of a run of `model` at these lengths, with the weights it actually holds.
-/// Caches and activations take the model's element size (the GPU path keeps them in the
+/// Bytes per element of the long-lived KV caches of `model` run with `kv`: the host path
+/// stores them as `kv` says; the tensor (GPU) path keeps them in the model's dtype.
+pub fn kv_elem_bytes(model: &Model, kv: KvDtype) -> usize {
+    match kv {
+        KvDtype::F16 if model.device().is_cpu() => 2,
+        _ => model.dtype().size_in_bytes(),
+    }
+}
+
+/// The memory model of a run of `model` at these lengths with caches `kv`, with the weights it
+/// actually holds. Activations take the model's element size (the GPU path keeps them in the
 /// model's dtype).
-pub fn memory_model(model: &Model, prompt_len: usize, new_tokens: usize) -> MemoryModel {
+pub fn memory_model(
+    model: &Model,
+    prompt_len: usize,
+    new_tokens: usize,
+    kv: KvDtype,
+) -> MemoryModel {
     let elem = model.dtype().size_in_bytes();
+    let f_kv = kv_elem_bytes(model, kv);
     let mut mm = MemoryModel {
         weights: weight_bytes(model),
-        ..MemoryModel::with_elem(&model.config, prompt_len, new_tokens, elem)
+        ..MemoryModel::with_elems(&model.config, prompt_len, new_tokens, elem, f_kv)
     };
     if !model.device().is_cpu() {
         // The tensor path runs op by op: its temporaries outlive the host path's reused
@@ -292,13 +313,14 @@ pub struct RunOutcome {
 
 /// The engine every run of a benchmark shares, like a server's: rows of later runs reuse the
 /// caches of earlier ones.
-pub fn bench_engine(model: &Arc<Model>, w: &Workload) -> Engine {
+pub fn bench_engine(model: &Arc<Model>, w: &Workload, kv: KvDtype) -> Engine {
     Engine::new(
         model.clone(),
         EngineOptions {
             positions: PositionMode::Trained,
             max_batch: w.batch,
             max_context: Some(w.prompt_len + w.new_tokens),
+            kv_dtype: kv,
             ..Default::default()
         },
     )
@@ -368,7 +390,7 @@ pub fn bench_model(
     let peak_reset = reset_peak_rss();
     let mut kv_max = 0;
     let mut device_peak: Option<usize> = None;
-    let mut eng = bench_engine(model, &w);
+    let mut eng = bench_engine(model, &w, spec.kv_dtype);
     eng.set_sync_split(spec.sync_split);
     for i in 0..spec.warmup {
         let t = Instant::now();
@@ -406,7 +428,7 @@ pub fn bench_model(
     let mut order: Vec<usize> = (0..runs.len()).collect();
     order.sort_by(|&a, &b| runs[a].seconds.total_cmp(&runs[b].seconds));
     let med = &runs[order[(order.len() - 1) / 2]];
-    let mm = memory_model(model, w.prompt_len, w.new_tokens);
+    let mm = memory_model(model, w.prompt_len, w.new_tokens, spec.kv_dtype);
     if kv_max == 0 {
         kv_max = mm.kv_per_sample * w.batch;
     }
@@ -418,11 +440,13 @@ pub fn bench_model(
     let peak = device_peak.unwrap_or(hwm);
     let elem = model.dtype().size_in_bytes() as f64;
     let e_head = model.lm_head_bytes_per_weight();
-    let bound = machine.map(|m| Roofline::bound_typed(&model.config, &w, m, elem, e_head));
+    let e_kv = kv_elem_bytes(model, spec.kv_dtype) as f64;
+    let bound = machine.map(|m| Roofline::bound_typed(&model.config, &w, m, elem, e_head, e_kv));
     let efficiency = bound
         .filter(|b| b.tokens_per_s > 0.0)
         .map(|b| med.tokens_per_s / b.tokens_per_s);
     Ok(BenchRow {
+        kv_elem_bytes: kv_elem_bytes(model, spec.kv_dtype),
         model: name.to_string(),
         setting,
         batch: w.batch,
@@ -463,11 +487,12 @@ pub fn auto_batch(
     model: &Model,
     prompt_len: usize,
     new_tokens: usize,
+    kv: KvDtype,
     budget: usize,
     overhead: usize,
     max_batch: usize,
 ) -> Result<(usize, String)> {
-    let mm = memory_model(model, prompt_len, new_tokens);
+    let mm = memory_model(model, prompt_len, new_tokens, kv);
     let per = mm.kv_per_sample + mm.activations_per_sample;
     match mm.largest_batch(budget, overhead, max_batch) {
         Some(b) => {

@@ -275,9 +275,14 @@ pub fn text(r: &BenchReport) -> String {
             m.copy_bandwidth / 1e9
         );
     }
+    let kv = if r.rows.iter().any(|row| row.kv_elem_bytes == 2) {
+        "; KV caches 16-bit"
+    } else {
+        ""
+    };
     let _ = writeln!(
         out,
-        "{} warm-up + {} timed runs each; tokens/s = generated tokens / wall time (median run, prefill included)\n",
+        "{} warm-up + {} timed runs each; tokens/s = generated tokens / wall time (median run, prefill included){kv}\n",
         r.warmup, r.runs
     );
     out.push_str(&throughput_table(&r.rows));

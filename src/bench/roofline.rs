@@ -105,11 +105,13 @@ pub fn cost(cfg: &ModelConfig, w: &Workload) -> Vec<Kernel> {
 
 /// [`cost`] with weights, caches and activations of `e` bytes per element (2 for bf16/f16).
 pub fn cost_with(cfg: &ModelConfig, w: &Workload, e: f64) -> Vec<Kernel> {
-    cost_typed(cfg, w, e, e)
+    cost_typed(cfg, w, e, e, e)
 }
 
-/// [`cost_with`] with the LM head's weights at `e_head` bytes each (1.0625 for `q8_0`).
-pub fn cost_typed(cfg: &ModelConfig, w: &Workload, e: f64, e_head: f64) -> Vec<Kernel> {
+/// [`cost_with`] with the LM head's weights at `e_head` bytes each (1.0625 for `q8_0`) and the
+/// long-lived caches (block decoder, vanilla stack) at `e_kv` bytes per element (2 for the
+/// host path's `--kv-cache f16`; the token decoder's per-block cache keeps `e`).
+pub fn cost_typed(cfg: &ModelConfig, w: &Workload, e: f64, e_head: f64, e_kv: f64) -> Vec<Kernel> {
     let mut out = Vec::new();
     let b = w.batch as f64;
     if w.batch == 0 || w.new_tokens == 0 || w.prompt_len == 0 {
@@ -164,7 +166,7 @@ pub fn cost_typed(cfg: &ModelConfig, w: &Workload, e: f64, e_head: f64) -> Vec<K
                     part: Part::BlockDecoder,
                     kind: Kind::Attention,
                     flops: b * attn_flops(lb, d, past, new),
-                    bytes: b * attn_bytes(e, lb, d, past, new),
+                    bytes: b * attn_bytes(e_kv, lb, d, past, new),
                 });
                 // Token decoder: expansion, prefix step over R positions, LM head; then one
                 // step per further token of the block.
@@ -238,7 +240,7 @@ pub fn cost_typed(cfg: &ModelConfig, w: &Workload, e: f64, e_head: f64) -> Vec<K
                     part: Part::BlockDecoder,
                     kind: Kind::Attention,
                     flops: b * attn_flops(lv, wd, past, new),
-                    bytes: b * attn_bytes(e, lv, wd, past, new),
+                    bytes: b * attn_bytes(e_kv, lv, wd, past, new),
                 });
                 out.push(Kernel {
                     step: s,
@@ -308,18 +310,20 @@ impl Roofline {
 
     /// [`Roofline::bound`] for elements of `e` bytes (weights and caches).
     pub fn bound_with(cfg: &ModelConfig, w: &Workload, m: &Machine, e: f64) -> Roofline {
-        Self::bound_typed(cfg, w, m, e, e)
+        Self::bound_typed(cfg, w, m, e, e, e)
     }
 
-    /// [`Roofline::bound_with`] with the LM head's weights at `e_head` bytes each.
+    /// [`Roofline::bound_with`] with the LM head's weights at `e_head` bytes each and the
+    /// long-lived caches at `e_kv` (see [`cost_typed`]).
     pub fn bound_typed(
         cfg: &ModelConfig,
         w: &Workload,
         m: &Machine,
         e: f64,
         e_head: f64,
+        e_kv: f64,
     ) -> Roofline {
-        let kernels = cost_typed(cfg, w, e, e_head);
+        let kernels = cost_typed(cfg, w, e, e_head, e_kv);
         let mut r = Roofline::default();
         let mut i = 0;
         while i < kernels.len() {
@@ -406,6 +410,18 @@ impl MemoryModel {
         new_tokens: usize,
         f: usize,
     ) -> MemoryModel {
+        Self::with_elems(cfg, prompt_len, new_tokens, f, f)
+    }
+
+    /// [`MemoryModel::with_elem`] with the long-lived caches (block decoder, vanilla stack) at
+    /// `f_kv` bytes per element (the host path's `--kv-cache f16`: 2).
+    pub fn with_elems(
+        cfg: &ModelConfig,
+        prompt_len: usize,
+        new_tokens: usize,
+        f: usize,
+        f_kv: usize,
+    ) -> MemoryModel {
         let stack_act = |c: &NeoXConfig, n: usize| {
             // The cached forward's buffers: input, residual stream, LayerNorm out, QKV (3W),
             // attention out, MLP intermediate (reused by every layer).
@@ -427,7 +443,7 @@ impl MemoryModel {
                 let bd = &c.block_decoder;
                 let td = &c.token_decoder;
                 let blocks = n_p + new_tokens.div_ceil(l) + 1;
-                let kv_bd = 2 * bd.num_hidden_layers * blocks * bd.hidden_size * f;
+                let kv_bd = 2 * bd.num_hidden_layers * blocks * bd.hidden_size * f_kv;
                 let kv_td = 2
                     * td.num_hidden_layers
                     * (c.n_prefix() + l.saturating_sub(1))
@@ -449,7 +465,7 @@ impl MemoryModel {
                 }
             }
             ModelConfig::Vanilla(c) => {
-                let kv = 2 * c.num_hidden_layers * (prompt_len + new_tokens) * c.hidden_size * f;
+                let kv = 2 * c.num_hidden_layers * (prompt_len + new_tokens) * c.hidden_size * f_kv;
                 let (rows_per_group, group_buffers_per_sample, group_outputs_per_sample) =
                     grouping(c, prompt_len);
                 MemoryModel {

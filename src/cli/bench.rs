@@ -90,6 +90,11 @@ pub struct Args {
     /// its device time (a little slower overall; without it the parts are launch times).
     #[arg(long)]
     pub sync_split: bool,
+    /// Element type of the long-lived KV caches (block decoder, vanilla stack) on the CPU:
+    /// f16 halves their memory and traffic (values rounded when stored, math in float32); the
+    /// roofline counts 2 bytes per cached element. On a GPU the caches take --dtype.
+    #[arg(long, value_enum, default_value = "f32")]
+    pub kv_cache: super::generate::KvCacheType,
     /// Print the roofline bound and the memory model only; run nothing.
     #[arg(long, conflicts_with = "no_roofline")]
     pub dry_run: bool,
@@ -230,6 +235,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         bail!("--max-batch must be at least 1");
     }
     let (dev, dtype) = a.run.device_dtype(DType::BF16)?;
+    if !dev.is_cpu() && a.kv_cache != super::generate::KvCacheType::F32 {
+        bail!("--kv-cache f16: applies to the CPU's caches; on a GPU the KV caches take --dtype");
+    }
     // GPU: the budget is a share of the device's free memory (default 90%), else of the host's
     // available memory (default 60%).
     let gpu_free = bench::device_memory(&dev).map(|(free, _)| free);
@@ -343,6 +351,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         warmup: a.warmup,
         seed: a.seed,
         sync_split: a.sync_split,
+        kv_dtype: a.kv_cache.into(),
     };
     let mut rows_by_model = Vec::new();
     let mut notes = Vec::new();
@@ -365,8 +374,16 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 Some(budget) => {
                     // On a GPU the budget is already net of what the process holds there.
                     let overhead = if gpu_free.is_some() { 0 } else { base_rss };
-                    let (b, why) = bench::auto_batch(&model, p, g, budget, overhead, a.max_batch)
-                        .with_context(|| format!("{name}, {}", s.name()))?;
+                    let (b, why) = bench::auto_batch(
+                        &model,
+                        p,
+                        g,
+                        spec.kv_dtype,
+                        budget,
+                        overhead,
+                        a.max_batch,
+                    )
+                    .with_context(|| format!("{name}, {}", s.name()))?;
                     let note = format!("{name} {}: {why}", s.name());
                     say(&note);
                     notes.push(note);
@@ -381,7 +398,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 };
                 if a.dry_run {
                     let m = machine.as_ref().expect("dry runs have a machine");
-                    let mm = bench::memory_model(&model, p, g);
+                    let mm = bench::memory_model(&model, p, g, spec.kv_dtype);
                     bounds.push(report::BoundLine {
                         model: name.clone(),
                         setting: s.name(),
@@ -392,6 +409,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                             m,
                             model.dtype().size_in_bytes() as f64,
                             model.lm_head_bytes_per_weight(),
+                            bench::kv_elem_bytes(&model, spec.kv_dtype) as f64,
                         ),
                         memory: mm.total(b) + base_rss,
                         kv_per_sample: mm.kv_per_sample,
