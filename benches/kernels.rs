@@ -132,12 +132,11 @@ fn decode_attention() {
                 let mut refs: Vec<&mut KvCache> = caches.iter_mut().collect();
                 cached_attention(&qkv, &mut out, &specs, &mut refs, 0, &rot, heads, hd);
             });
-            let bytes = (rows * heads * ctx * hd * 2 * 4) as f64;
+            let (ms, gbs) = (t * 1e3, (rows * heads * ctx * hd * 2 * 4) as f64 / t / 1e9);
             println!(
-            "decode attention {rows} rows x {heads} heads x {hd}, context {ctx}: {:.2} ms, {:.1} GB/s of K+V",
-            t * 1e3,
-            bytes / t / 1e9
-        );
+                "decode attention {rows} rows x {heads} heads x {hd}, context {ctx}: \
+                 {ms:.2} ms, {gbs:.1} GB/s of K+V"
+            );
         }
     }
 }

@@ -246,6 +246,19 @@ pub fn kv_elem_bytes(model: &Model, kv: KvDtype) -> usize {
     }
 }
 
+/// The roofline bound of a run of `model` on `m`, at the element sizes it holds: weights in
+/// its dtype, the LM head as stored (e.g. `q8_0`), the long-lived caches as `kv` says.
+pub fn roofline_bound(model: &Model, w: &Workload, m: &Machine, kv: KvDtype) -> Roofline {
+    Roofline::bound_typed(
+        &model.config,
+        w,
+        m,
+        model.dtype().size_in_bytes() as f64,
+        model.lm_head_bytes_per_weight(),
+        kv_elem_bytes(model, kv) as f64,
+    )
+}
+
 /// The memory model of a run of `model` at these lengths with caches `kv`, with the weights it
 /// actually holds. Activations take the model's element size (the GPU path keeps them in the
 /// model's dtype).
@@ -438,10 +451,7 @@ pub fn bench_model(
     let base_rss = if device_peak.is_some() { 0 } else { rss_load.0 };
     let expected = base_rss + mm.weights + kv_max + activations;
     let peak = device_peak.unwrap_or(hwm);
-    let elem = model.dtype().size_in_bytes() as f64;
-    let e_head = model.lm_head_bytes_per_weight();
-    let e_kv = kv_elem_bytes(model, spec.kv_dtype) as f64;
-    let bound = machine.map(|m| Roofline::bound_typed(&model.config, &w, m, elem, e_head, e_kv));
+    let bound = machine.map(|m| roofline_bound(model, &w, m, spec.kv_dtype));
     let efficiency = bound
         .filter(|b| b.tokens_per_s > 0.0)
         .map(|b| med.tokens_per_s / b.tokens_per_s);

@@ -1,7 +1,7 @@
 //! `blockformer bench`: the paper's throughput benchmark with a roofline bound.
 
 use anyhow::{bail, Context};
-use blockformer::bench::roofline::{default_cache_path, Machine, ProbeSource, Roofline, Workload};
+use blockformer::bench::roofline::{default_cache_path, Machine, ProbeSource, Workload};
 use blockformer::bench::{self, report, BenchReport, BenchSpec, Setting};
 use blockformer::checkpoint;
 use blockformer::config;
@@ -403,14 +403,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                         model: name.clone(),
                         setting: s.name(),
                         workload: w,
-                        bound: Roofline::bound_typed(
-                            &model.config,
-                            &w,
-                            m,
-                            model.dtype().size_in_bytes() as f64,
-                            model.lm_head_bytes_per_weight(),
-                            bench::kv_elem_bytes(&model, spec.kv_dtype) as f64,
-                        ),
+                        bound: bench::roofline_bound(&model, &w, m, spec.kv_dtype),
                         memory: mm.total(b) + base_rss,
                         kv_per_sample: mm.kv_per_sample,
                     });

@@ -656,8 +656,8 @@ pub fn attend_online_ahead<E: KvElem>(
 ) {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU supports AVX-512F (and F16C with it).
+        if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("f16c") {
+            // SAFETY: the CPU supports AVX-512F and F16C.
             return unsafe {
                 match q.len() {
                     16 => attend_avx512::<E, 1>(q, keys, values, scale, out, ahead),

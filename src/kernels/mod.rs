@@ -52,42 +52,14 @@ impl OutPtr {
     }
 }
 
-/// Element types whose all-zero bit pattern is their zero.
-///
-/// # Safety
-/// All-zero bytes must be a valid value of the type.
-pub unsafe trait ZeroBits: Copy {}
-// SAFETY: +0.0 is all zero bits in IEEE binary32 and binary16.
-unsafe impl ZeroBits for f32 {}
-// SAFETY: as above.
-unsafe impl ZeroBits for half::f16 {}
-
 /// A buffer of `n` zeros. Large buffers first ask Linux for transparent huge pages: on first
 /// touch a 2 MiB page faults in several times faster per byte than 4 KiB pages (KV caches and
 /// prompt activations are touched fresh by every request). The buffer comes zeroed from the
 /// allocator (fresh pages are zero already) and nothing writes it here: its pages fault in
 /// where the kernels first write them, on every thread, instead of in one serial fill.
-pub fn zeroed<T: ZeroBits>(n: usize) -> Vec<T> {
-    if n == 0 || std::mem::size_of::<T>() == 0 {
-        return Vec::new();
-    }
-    let layout = std::alloc::Layout::array::<T>(n).expect("buffer size overflows");
-    // SAFETY: the layout has a non-zero size; zeroed memory is `n` valid elements (`ZeroBits`),
-    // allocated by the global allocator with the layout of `[T; n]`, as `Vec` requires.
-    unsafe {
-        let p = std::alloc::alloc_zeroed(layout) as *mut T;
-        if p.is_null() {
-            std::alloc::handle_alloc_error(layout);
-        }
-        advise_huge_pages(p as usize, layout.size());
-        Vec::from_raw_parts(p, n, n)
-    }
-}
-
-/// An empty buffer with room for `n` elements, on huge pages when large (see [`zeroed`]).
-pub fn with_capacity_huge<T>(n: usize) -> Vec<T> {
-    let mut v = Vec::with_capacity(n);
-    advise_huge_pages(v.as_mut_ptr() as usize, n * std::mem::size_of::<T>());
+pub fn zeroed<T: bytemuck::Zeroable>(n: usize) -> Vec<T> {
+    let v: Vec<T> = bytemuck::zeroed_vec(n);
+    advise_huge_pages(v.as_ptr() as usize, n * std::mem::size_of::<T>());
     v
 }
 
