@@ -143,6 +143,37 @@ fn decode_attention() {
 
 /// One thread attending over keys and values that stay in L2 (1024 positions): the kernel's
 /// arithmetic speed, in GB/s of K+V it could consume.
+/// One thread multiplying `m` rows by weights that stay in L2 or L3: the micro-kernel's
+/// arithmetic speed, in GFLOP/s (the machine probe's peak is for both threads).
+fn hot_matmuls() {
+    use blockformer::kernels::panel::{matmul_panels, Panels};
+    for (m, k, n) in [
+        (16, 512, 256),
+        (16, 512, 1536),
+        (64, 512, 256),
+        (64, 512, 1536),
+        (8, 512, 256),
+        (252, 256, 1024),
+        (2048, 256, 1024),
+        (2048, 1024, 256),
+    ] {
+        let w: Vec<f32> = (0..k * n).map(|i| (i % 13) as f32 * 0.01).collect();
+        let p = Panels::pack(&w, k, n);
+        let x: Vec<f32> = (0..m * k).map(|i| (i % 5) as f32 * 0.1).collect();
+        let mut y = vec![0f32; m * n];
+        let secs = blockformer::kernels::serial(|| {
+            time(if m > 64 { 50 } else { 2000 }, || {
+                matmul_panels(&x, m, &p, &mut y)
+            })
+        });
+        println!(
+            "hot matmul {m}x{k}x{n} (one thread): {:.2} us, {:.1} GFLOP/s",
+            secs * 1e6,
+            2.0 * (m * k * n) as f64 / secs / 1e9
+        );
+    }
+}
+
 fn hot_attention() {
     for hd in [32usize, 64] {
         let t = 1024;
@@ -162,6 +193,7 @@ fn hot_attention() {
 
 fn main() {
     if std::env::args().any(|a| a == "hot") {
+        hot_matmuls();
         return hot_attention();
     }
     if std::env::args().any(|a| a == "cold") {

@@ -435,6 +435,8 @@ fn q8_0_lm_head_stays_close_to_float32() {
 fn long_prompt_batches_prefill_in_groups_with_the_same_result() {
     use blockformer::config::{ModelConfig, NeoXConfig};
     // 5 rows x 1900 prompt positions: more than one prefill group of PREFILL_CHUNK positions.
+    // The rows run alone afterwards reuse the activation buffers the stack kept from the first
+    // run (larger than they need, holding its values).
     let cfg = ModelConfig::Vanilla(NeoXConfig {
         rotary_pct: 0.5,
         ..NeoXConfig::pythia(300, 2, 16, 2, 32)

@@ -437,6 +437,8 @@ pub struct NeoX {
     pub rotary: Rotary,
     /// The same tables, shared with the training path's attention op.
     rotary_shared: std::sync::Arc<Rotary>,
+    /// Activation buffers kept from one host forward to the next.
+    workspace: Workspace,
 }
 
 impl NeoX {
@@ -462,6 +464,7 @@ impl NeoX {
             final_layer_norm,
             rotary_shared: std::sync::Arc::new(rotary.clone()),
             rotary,
+            workspace: Workspace::default(),
         })
     }
 
@@ -669,10 +672,11 @@ impl NeoX {
                 })?;
         } else {
             let most = parts.iter().map(|p| p.2.len() / w).max().unwrap_or(0);
-            let mut buf = Scratch::new(most, w, f);
+            let mut buf = self.workspace.take(most, w, f);
             for (rows, caches, xs, out) in parts {
                 self.forward_host(xs, rows, caches, &mut buf, out)?;
             }
+            self.workspace.put(buf);
         }
         Ok(Tensor::from_vec(out, (n, w), x.device())?)
     }
@@ -883,9 +887,51 @@ fn prefill_group_ends(rows: &[RowSpec]) -> Vec<usize> {
     ends
 }
 
+/// The [`Scratch`] of the last host forward, kept for the next: a prompt's buffers run to
+/// tens of megabytes, and fresh ones cost a page fault and a kernel zero-fill per page on
+/// every call. A call that finds it taken (another thread's forward) or too small makes its
+/// own; the larger one is kept.
+#[derive(Default)]
+struct Workspace(std::sync::Mutex<Option<Scratch>>);
+
+impl Workspace {
+    /// Buffers for `n` positions of width `w` and MLP width `f`.
+    fn take(&self, n: usize, w: usize, f: usize) -> Scratch {
+        let kept = self.0.lock().ok().and_then(|mut s| s.take());
+        match kept {
+            Some(s) if s.positions >= n && s.w == w && s.f == f => s,
+            _ => Scratch::new(n, w, f),
+        }
+    }
+
+    fn put(&self, s: Scratch) {
+        if let Ok(mut kept) = self.0.lock() {
+            if kept.as_ref().is_none_or(|k| k.positions < s.positions) {
+                *kept = Some(s);
+            }
+        }
+    }
+}
+
+/// A copy of the model starts with no buffers of its own.
+impl Clone for Workspace {
+    fn clone(&self) -> Self {
+        Self::default()
+    }
+}
+
+impl std::fmt::Debug for Workspace {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Workspace")
+    }
+}
+
 /// Activation buffers of [`NeoX::forward_host`], sized for its largest group of positions
 /// and reused by every group (no zero-fill and no fresh pages per group).
 struct Scratch {
+    positions: usize,
+    w: usize,
+    f: usize,
     h: Vec<f32>,
     a: Vec<f32>,
     qkv: Vec<f32>,
@@ -897,6 +943,9 @@ impl Scratch {
     /// Room for `n` positions of width `w` and MLP width `f`.
     fn new(n: usize, w: usize, f: usize) -> Self {
         Self {
+            positions: n,
+            w,
+            f,
             h: zeroed(n * w),
             a: zeroed(n * w),
             qkv: zeroed(n * 3 * w),
