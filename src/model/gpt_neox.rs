@@ -729,35 +729,53 @@ impl NeoX {
             let lw = HostLayer::new(layer)?;
             ops::layer_norm(h, lw.ln_in.0.get(), lw.ln_in.1.get(), eps, a);
             lw.qkv.0.product(a, n, qkv, Epilogue::Bias(lw.qkv.1.get()));
-            attention::cached_attention_split(
-                qkv,
-                o,
-                rows,
-                caches,
-                li,
-                &self.rotary,
-                nh,
-                hd,
-                &dense,
-            );
-            let mut first = 0;
-            for (r, spec) in rows.iter().enumerate() {
-                if dense[r] {
-                    let q = &mut o[first * w..(first + spec.n_new) * w];
-                    attention::prefill_dense(q, caches[r], li, spec.n_new)?;
+            // Attention over the caches for `o` (`qkv` -> `o`).
+            let attend = |o: &mut [f32], caches: &mut [&mut KvCache]| -> Result<()> {
+                attention::cached_attention_split(
+                    qkv,
+                    o,
+                    rows,
+                    caches,
+                    li,
+                    &self.rotary,
+                    nh,
+                    hd,
+                    &dense,
+                );
+                let mut first = 0;
+                for (r, spec) in rows.iter().enumerate() {
+                    if dense[r] {
+                        let q = &mut o[first * w..(first + spec.n_new) * w];
+                        attention::prefill_dense(q, caches[r], li, spec.n_new)?;
+                    }
+                    first += spec.n_new;
                 }
-                first += spec.n_new;
-            }
+                Ok(())
+            };
             if self.cfg.use_parallel_residual {
-                // y = x + dense(o) + MLP(LN_post(x))
-                ops::layer_norm(h, lw.ln_post.0.get(), lw.ln_post.1.get(), eps, a);
-                self.mlp_hidden(&lw, a, m, n, exact_gelu);
-                ops::add_rows(h, lw.dense.1.get());
-                ops::add_rows(h, lw.fc2.1.get());
+                // y = x + dense(o) + MLP(LN_post(x)): the MLP branch does not wait for the
+                // attention, so the two run side by side, the attention streaming the caches
+                // from memory while the MLP multiplies (at decode sizes one is bound by memory,
+                // the other by arithmetic).
+                let mut mlp = || {
+                    ops::layer_norm(h, lw.ln_post.0.get(), lw.ln_post.1.get(), eps, a);
+                    self.mlp_hidden(&lw, a, m, n, exact_gelu);
+                    ops::add_rows(h, lw.dense.1.get());
+                    ops::add_rows(h, lw.fc2.1.get());
+                    lw.fc2.0.acc(m, n, h);
+                };
+                let (att, ()) = if crate::kernels::min_len() == 1 {
+                    rayon::join(|| attend(o, caches), mlp)
+                } else {
+                    let att = attend(o, caches);
+                    mlp();
+                    (att, ())
+                };
+                att?;
                 lw.dense.0.acc(o, n, h);
-                lw.fc2.0.acc(m, n, h);
             } else {
                 // y = x + dense(o); y = y + MLP(LN_post(y))
+                attend(o, caches)?;
                 ops::add_rows(h, lw.dense.1.get());
                 lw.dense.0.acc(o, n, h);
                 ops::layer_norm(h, lw.ln_post.0.get(), lw.ln_post.1.get(), eps, a);
@@ -957,7 +975,7 @@ impl Scratch {
 
 /// A CPU float32 contiguous tensor's data, borrowed.
 pub(crate) struct HostView<'a> {
-    guard: Box<dyn std::ops::Deref<Target = candle_core::Storage> + 'a>,
+    guard: Box<dyn std::ops::Deref<Target = candle_core::Storage> + Sync + 'a>,
     range: std::ops::Range<usize>,
 }
 
