@@ -458,18 +458,19 @@ fn long_prompt_batches_prefill_in_groups_with_the_same_result() {
 
 #[test]
 fn wide_batches_split_by_rows_across_threads_decode_the_same() {
-    // 20 rows on 2 threads: decode steps of these small stacks run one share of rows per
-    // thread (`NeoX::row_parallel`); every row must decode as it does alone.
+    // 36 rows on 2 threads: decode steps of these small stacks run one share of rows per
+    // thread (`NeoX::row_parallel`, from 16 rows a thread); every row must decode as it does
+    // alone.
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(2)
         .build()
         .unwrap();
     pool.install(|| {
         for (name, model) in models() {
-            let reqs: Vec<GenRequest> = (0..20)
+            let reqs: Vec<GenRequest> = (0..36)
                 .map(|i| GenRequest::greedy(prompt(1 + (i * 7) % 13, i as u32), 9))
                 .collect();
-            let together = run(&model, &reqs, 20);
+            let together = run(&model, &reqs, 36);
             for (i, r) in reqs.iter().enumerate() {
                 let alone = run(&model, std::slice::from_ref(r), 1).remove(0);
                 assert_eq!(together[i], alone, "{name}: row {i}");

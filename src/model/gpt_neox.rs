@@ -421,7 +421,7 @@ pub const PREFILL_CHUNK: usize = 8192;
 
 /// Row-parallel host steps ([`NeoX::row_parallel`]): at least this many rows per thread, at
 /// most this many positions, layers of at most this many bytes.
-const ROW_PARALLEL_MIN_ROWS: usize = 8;
+const ROW_PARALLEL_MIN_ROWS: usize = 16;
 const ROW_PARALLEL_MAX_POSITIONS: usize = 1024;
 const ROW_PARALLEL_MAX_LAYER_BYTES: usize = 4 << 20;
 
