@@ -28,10 +28,15 @@ pub fn serial<R>(f: impl FnOnce() -> R) -> R {
     f()
 }
 
+/// Whether the calling thread runs inside [`serial`].
+pub(crate) fn in_serial() -> bool {
+    SERIAL.get()
+}
+
 /// The least items one job of a kernel's parallel loop takes (`with_min_len`): all of them
 /// inside [`serial`], so the loop runs on the calling thread.
 pub(crate) fn min_len() -> usize {
-    if SERIAL.get() {
+    if in_serial() {
         usize::MAX
     } else {
         1

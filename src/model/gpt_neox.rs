@@ -764,7 +764,8 @@ impl NeoX {
                     ops::add_rows(h, lw.fc2.1.get());
                     lw.fc2.0.acc(m, n, h);
                 };
-                let (att, ()) = if crate::kernels::min_len() == 1 {
+                // Inside a row-parallel share both run on this thread, one after the other.
+                let (att, ()) = if !crate::kernels::in_serial() {
                     rayon::join(|| attend(o, caches), mlp)
                 } else {
                     let att = attend(o, caches);
@@ -1067,4 +1068,33 @@ pub fn attention_bias(
         }
     }
     Ok(Tensor::from_vec(bias, (b, 1, t, t), dev)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_workspace_keeps_the_largest_buffers_of_the_same_widths() {
+        let ws = Workspace::default();
+        let big = ws.take(64, 8, 32);
+        assert_eq!(big.positions, 64);
+        let ptr = big.h.as_ptr();
+        ws.put(big);
+        // A smaller call reuses the kept buffers, and gives them back.
+        let again = ws.take(10, 8, 32);
+        assert_eq!((again.positions, again.h.as_ptr()), (64, ptr));
+        // Taken: a concurrent call makes its own, and the smaller one is not kept.
+        let other = ws.take(16, 8, 32);
+        assert_eq!(other.positions, 16);
+        ws.put(again);
+        ws.put(other);
+        let kept = ws.take(1, 8, 32);
+        assert_eq!(kept.h.as_ptr(), ptr);
+        ws.put(kept);
+        // A clone of the model starts with none.
+        assert_eq!(ws.clone().take(1, 8, 32).positions, 1);
+        // Other widths never get these buffers.
+        assert_eq!(ws.take(1, 16, 32).positions, 1);
+    }
 }
