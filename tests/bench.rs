@@ -191,10 +191,7 @@ fn memory_model_counts_prefill_groups() {
     assert_eq!(mm.activations(1), per);
     assert_eq!(mm.activations(2), 2 * per);
     let four = mm.activations(4);
-    assert_eq!(
-        four,
-        4 * (per + mm.group_outputs_per_sample) - 2 * mm.group_buffers_per_sample
-    );
+    assert_eq!(four, 4 * per - 2 * mm.group_buffers_per_sample);
     assert!(four < 4 * per);
     assert_eq!(mm.total(4), mm.weights + 4 * mm.kv_per_sample + four);
 }

@@ -392,10 +392,9 @@ pub struct MemoryModel {
     /// The host path runs a prefill of more than this many rows in groups
     /// ([`crate::model::gpt_neox::PREFILL_CHUNK`] positions); `usize::MAX` when it does not.
     pub rows_per_group: usize,
-    /// Per row: the work buffers a group reuses (all but the input and the output).
+    /// Per row: the work buffers a group reuses (all but the input and the output, which
+    /// every row keeps: each group writes its rows' part of one output buffer).
     pub group_buffers_per_sample: usize,
-    /// Per row: what grouping adds (each group's output and their concatenation).
-    pub group_outputs_per_sample: usize,
 }
 
 impl MemoryModel {
@@ -423,9 +422,10 @@ impl MemoryModel {
         f_kv: usize,
     ) -> MemoryModel {
         let stack_act = |c: &NeoXConfig, n: usize| {
-            // The cached forward's buffers: input, residual stream, LayerNorm out, QKV (3W),
-            // attention out, MLP intermediate (reused by every layer).
-            n * (7 * c.hidden_size + c.intermediate_size) * f
+            // The cached forward's buffers: input and output, and the work buffers reused by
+            // every layer: residual stream, LayerNorm out, QKV (3W), attention out, MLP
+            // intermediate.
+            n * (8 * c.hidden_size + c.intermediate_size) * f
         };
         // Prefill groups of the host path (over the stack that takes the prompt).
         let grouping = |c: &NeoXConfig, n: usize| {
@@ -433,7 +433,6 @@ impl MemoryModel {
             (
                 (chunk / n.max(1)).max(1),
                 n * (6 * c.hidden_size + c.intermediate_size) * f,
-                2 * n * c.hidden_size * f,
             )
         };
         match cfg {
@@ -450,31 +449,31 @@ impl MemoryModel {
                     * td.hidden_size
                     * f;
                 let logits = 2 * td.vocab_size * f;
-                let act = (stack_act(bd, n_p) + n_p * l * c.embedder.hidden_size * f)
-                    .max(stack_act(td, c.n_prefix()))
-                    + logits;
-                let (rows_per_group, group_buffers_per_sample, group_outputs_per_sample) =
-                    grouping(bd, n_p);
+                // The embedder's lookups: with concat they are the block decoder's input
+                // (counted there); a projection layer keeps them beside its output.
+                let lookups = match c.embedder.projection_method {
+                    Projection::Concat => 0,
+                    Projection::ProjectionLayer => n_p * l * c.embedder.hidden_size * f,
+                };
+                let act = (stack_act(bd, n_p) + lookups).max(stack_act(td, c.n_prefix())) + logits;
+                let (rows_per_group, group_buffers_per_sample) = grouping(bd, n_p);
                 MemoryModel {
                     weights: cfg.total_params() * f,
                     kv_per_sample: kv_bd + kv_td,
                     activations_per_sample: act,
                     rows_per_group,
                     group_buffers_per_sample,
-                    group_outputs_per_sample,
                 }
             }
             ModelConfig::Vanilla(c) => {
                 let kv = 2 * c.num_hidden_layers * (prompt_len + new_tokens) * c.hidden_size * f_kv;
-                let (rows_per_group, group_buffers_per_sample, group_outputs_per_sample) =
-                    grouping(c, prompt_len);
+                let (rows_per_group, group_buffers_per_sample) = grouping(c, prompt_len);
                 MemoryModel {
                     weights: cfg.total_params() * f,
                     kv_per_sample: kv,
                     activations_per_sample: stack_act(c, prompt_len) + 2 * c.vocab_size * f,
                     rows_per_group,
                     group_buffers_per_sample,
-                    group_outputs_per_sample,
                 }
             }
         }
@@ -492,9 +491,8 @@ impl MemoryModel {
         if batch <= self.rows_per_group {
             return batch * self.activations_per_sample;
         }
-        let grouped = batch * (self.activations_per_sample + self.group_outputs_per_sample)
-            - (batch - self.rows_per_group) * self.group_buffers_per_sample;
-        grouped.min(batch * self.activations_per_sample)
+        batch * self.activations_per_sample
+            - (batch - self.rows_per_group) * self.group_buffers_per_sample
     }
 
     /// The largest batch whose [`MemoryModel::total`] plus `overhead` fits `budget`: exact up
