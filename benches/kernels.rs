@@ -141,8 +141,6 @@ fn decode_attention() {
     }
 }
 
-/// One thread attending over keys and values that stay in L2 (1024 positions): the kernel's
-/// arithmetic speed, in GB/s of K+V it could consume.
 /// One thread multiplying `m` rows by weights that stay in L2 or L3: the micro-kernel's
 /// arithmetic speed, in GFLOP/s (the machine probe's peak is for both threads).
 fn hot_matmuls() {
@@ -174,6 +172,8 @@ fn hot_matmuls() {
     }
 }
 
+/// One thread attending over keys and values that stay in L2 (1024 positions): the kernel's
+/// arithmetic speed, in GB/s of K+V it could consume.
 fn hot_attention() {
     for hd in [32usize, 64] {
         let t = 1024;

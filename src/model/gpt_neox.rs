@@ -666,8 +666,10 @@ impl NeoX {
                 .into_par_iter()
                 .try_for_each(|(rows, caches, xs, out)| {
                     crate::kernels::serial(|| {
-                        let mut buf = Scratch::new(xs.len() / w, w, f);
-                        self.forward_host(xs, rows, caches, &mut buf, out)
+                        let mut buf = self.workspace.take(xs.len() / w, w, f);
+                        let done = self.forward_host(xs, rows, caches, &mut buf, out);
+                        self.workspace.put(buf);
+                        done
                     })
                 })?;
         } else {
@@ -906,27 +908,34 @@ fn prefill_group_ends(rows: &[RowSpec]) -> Vec<usize> {
     ends
 }
 
-/// The [`Scratch`] of the last host forward, kept for the next: a prompt's buffers run to
+/// The [`Scratch`]es of earlier host forwards, kept for the next: a prompt's buffers run to
 /// tens of megabytes, and fresh ones cost a page fault and a kernel zero-fill per page on
-/// every call. A call that finds it taken (another thread's forward) or too small makes its
-/// own; the larger one is kept.
+/// every call; a row-parallel decode step takes one per thread. A call takes the largest that
+/// fits, or makes its own; at most one per pool thread is kept, the smallest dropped first.
 #[derive(Default)]
-struct Workspace(std::sync::Mutex<Option<Scratch>>);
+struct Workspace(std::sync::Mutex<Vec<Scratch>>);
 
 impl Workspace {
     /// Buffers for `n` positions of width `w` and MLP width `f`.
     fn take(&self, n: usize, w: usize, f: usize) -> Scratch {
-        let kept = self.0.lock().ok().and_then(|mut s| s.take());
-        match kept {
-            Some(s) if s.positions >= n && s.w == w && s.f == f => s,
-            _ => Scratch::new(n, w, f),
+        let Ok(mut kept) = self.0.lock() else {
+            return Scratch::new(n, w, f);
+        };
+        let best = (0..kept.len())
+            .filter(|&i| kept[i].positions >= n && kept[i].w == w && kept[i].f == f)
+            .max_by_key(|&i| kept[i].positions);
+        match best {
+            Some(i) => kept.swap_remove(i),
+            None => Scratch::new(n, w, f),
         }
     }
 
     fn put(&self, s: Scratch) {
         if let Ok(mut kept) = self.0.lock() {
-            if kept.as_ref().is_none_or(|k| k.positions < s.positions) {
-                *kept = Some(s);
+            kept.push(s);
+            if kept.len() > rayon::current_num_threads().max(1) {
+                let smallest = (0..kept.len()).min_by_key(|&i| kept[i].positions);
+                kept.swap_remove(smallest.unwrap_or(0));
             }
         }
     }
@@ -1084,7 +1093,7 @@ mod tests {
         // A smaller call reuses the kept buffers, and gives them back.
         let again = ws.take(10, 8, 32);
         assert_eq!((again.positions, again.h.as_ptr()), (64, ptr));
-        // Taken: a concurrent call makes its own, and the smaller one is not kept.
+        // Taken: a concurrent call makes its own; a later call gets the largest kept.
         let other = ws.take(16, 8, 32);
         assert_eq!(other.positions, 16);
         ws.put(again);
