@@ -2,7 +2,7 @@
 //! models, batch auto-tuning, and the command line (tiny models, tiny lengths).
 
 use blockformer::bench::roofline::{cost, Kind, Machine, MemoryModel, Part, Roofline, Workload};
-use blockformer::bench::{self, chart, report, BenchReport, BenchSpec, Setting};
+use blockformer::bench::{self, chart, report, BandwidthCheck, BenchReport, BenchSpec, Setting};
 use blockformer::config::{BlockConfig, EmbedderConfig, ModelConfig, NeoXConfig, Projection};
 use blockformer::kernels::attention::KvDtype;
 use blockformer::model::Model;
@@ -303,6 +303,10 @@ fn runner_measures_tiny_models() {
             let bound = r.bound.unwrap();
             assert!(bound.tokens_per_s > 0.0);
             assert!(r.efficiency.unwrap() > 0.0);
+            // The per-kernel bound is the stricter one.
+            assert!(r.kernel_efficiency.unwrap() >= r.efficiency.unwrap() * (1.0 - 1e-9));
+            let c = r.bandwidth_check.unwrap();
+            assert!(c.before > 0.0 && c.after > 0.0 && c.probe == m.bandwidth);
             // The memory model's KV bytes are what the engine allocates.
             let mm = bench::memory_model(&model, 8, 8, KvDtype::F32);
             assert_eq!(r.kv_bytes_per_sample, mm.kv_per_sample, "{name}");
@@ -310,6 +314,20 @@ fn runner_measures_tiny_models() {
             assert!(r.memory.peak_rss > 0 && r.memory.expected >= mm.weights);
             rows.push(r);
         }
+    }
+    // A machine whose bandwidth fell during a measurement is called out; one within the
+    // tolerance is not.
+    rows[0].bandwidth_check = Some(BandwidthCheck {
+        probe: 50e9,
+        before: 49e9,
+        after: 30e9,
+    });
+    for r in &mut rows[1..] {
+        r.bandwidth_check = Some(BandwidthCheck {
+            probe: 50e9,
+            before: 47e9,
+            after: 55e9,
+        });
     }
     let rep = BenchReport {
         machine: Some(m),
@@ -330,6 +348,16 @@ fn runner_measures_tiny_models() {
     assert!(v["rows"][3]["stats"]["lm_head_s"].as_f64().is_some());
     let text = report::text(&rep);
     assert!(text.contains("tiny_vanilla") && text.contains("tiny_block / tiny_vanilla"));
+    assert!(text.contains("kernel eff"));
+    let warnings: Vec<&str> = text.lines().filter(|l| l.starts_with("warning:")).collect();
+    assert_eq!(warnings.len(), 1, "{text}");
+    assert!(
+        warnings[0].contains("tiny_block 8+8 batch 1")
+            && warnings[0].contains("49.0 GB/s before and 30.0 after")
+            && warnings[0].contains("probe's 50.0"),
+        "{}",
+        warnings[0]
+    );
     let svg = chart::svg(&rep.rows, "t");
     assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
     assert_eq!(svg.matches("<polyline").count(), 4, "2 lines + 2 bounds");

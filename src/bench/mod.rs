@@ -165,7 +165,39 @@ pub struct BenchRow {
     pub bound: Option<Roofline>,
     /// `tokens_per_s / bound.tokens_per_s`.
     pub efficiency: Option<f64>,
+    /// Against the stricter per-kernel bound (`bound.kernel_seconds`: no overlap of one
+    /// kernel's arithmetic with another's memory traffic). Far above `efficiency` when the
+    /// time lost is the overlap the bound allows, not slow kernels.
+    pub kernel_efficiency: Option<f64>,
+    /// Memory bandwidth read just before the warm-up and just after the timed runs (CPU runs
+    /// with a probe).
+    pub bandwidth_check: Option<BandwidthCheck>,
 }
+
+/// The probe's bandwidth against the machine's around one measurement (bytes / s).
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct BandwidthCheck {
+    pub probe: f64,
+    pub before: f64,
+    pub after: f64,
+}
+
+impl BandwidthCheck {
+    /// Largest relative departure of `before` or `after` from the probe.
+    pub fn drift(&self) -> f64 {
+        let rel = |x: f64| (x / self.probe - 1.0).abs();
+        rel(self.before).max(rel(self.after))
+    }
+
+    /// Whether the machine's bandwidth moved by more than [`BANDWIDTH_DRIFT`] from its probe,
+    /// so that the efficiency against the probe is not to be trusted.
+    pub fn moved(&self) -> bool {
+        self.probe > 0.0 && self.drift() > BANDWIDTH_DRIFT
+    }
+}
+
+/// See [`BandwidthCheck::moved`].
+pub const BANDWIDTH_DRIFT: f64 = 0.15;
 
 /// Resident memory figures of this process from `/proc/self/status` (bytes): (VmRSS, VmHWM).
 pub fn rss() -> (usize, usize) {
@@ -399,6 +431,10 @@ pub fn bench_model(
     }
     check_lengths(model, w.prompt_len, w.new_tokens)?;
     let setting = Setting::of(w.prompt_len, w.new_tokens).name();
+    // The bandwidth check allocates two probe buffers: before the peak is reset, after it
+    // is read.
+    let cpu_machine = machine.filter(|_| model.device().is_cpu());
+    let bandwidth_before = cpu_machine.map(|m| m.bandwidth_now());
     trim_heap();
     let peak_reset = reset_peak_rss();
     let mut kv_max = 0;
@@ -438,6 +474,13 @@ pub fn bench_model(
         });
     }
     let (_, hwm) = rss();
+    let bandwidth_check = cpu_machine
+        .zip(bandwidth_before)
+        .map(|(m, before)| BandwidthCheck {
+            probe: m.bandwidth,
+            before,
+            after: m.bandwidth_now(),
+        });
     let mut order: Vec<usize> = (0..runs.len()).collect();
     order.sort_by(|&a, &b| runs[a].seconds.total_cmp(&runs[b].seconds));
     let med = &runs[order[(order.len() - 1) / 2]];
@@ -455,6 +498,9 @@ pub fn bench_model(
     let efficiency = bound
         .filter(|b| b.tokens_per_s > 0.0)
         .map(|b| med.tokens_per_s / b.tokens_per_s);
+    let kernel_efficiency = bound
+        .filter(|b| b.kernel_seconds > 0.0)
+        .map(|b| med.tokens_per_s * b.kernel_seconds / (w.batch * w.new_tokens) as f64);
     Ok(BenchRow {
         kv_elem_bytes: kv_elem_bytes(model, spec.kv_dtype),
         model: name.to_string(),
@@ -487,6 +533,8 @@ pub fn bench_model(
         },
         bound,
         efficiency,
+        kernel_efficiency,
+        bandwidth_check,
         runs,
     })
 }

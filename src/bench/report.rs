@@ -126,6 +126,8 @@ pub fn throughput_table(rows: &[BenchRow]) -> String {
                 secs(r.seconds),
                 bound,
                 eff,
+                r.kernel_efficiency
+                    .map_or("-".into(), |e| format!("{:.0}%", 100.0 * e)),
                 why,
             ]
         })
@@ -142,12 +144,33 @@ pub fn throughput_table(rows: &[BenchRow]) -> String {
             "time s",
             "bound tok/s",
             "eff",
+            "kernel eff",
             "bound is",
         ],
         &cells,
         &mut out,
     );
+    for r in rows {
+        if let Some(line) = bandwidth_warning(r) {
+            let _ = writeln!(out, "{line}");
+        }
+    }
     out
+}
+
+/// A warning when the machine's memory bandwidth around a measurement departed from its
+/// probe's (see [`super::BandwidthCheck`]).
+pub fn bandwidth_warning(r: &BenchRow) -> Option<String> {
+    let c = r.bandwidth_check.filter(|c| c.moved())?;
+    Some(format!(
+        "warning: {} {} batch {}: memory bandwidth {:.1} GB/s before and {:.1} after the runs, the probe's {:.1}: the machine is not steady, its efficiency is not comparable (rerun with --reprobe on a quiet machine)",
+        r.model,
+        r.setting,
+        r.batch,
+        c.before / 1e9,
+        c.after / 1e9,
+        c.probe / 1e9
+    ))
 }
 
 /// Where the time and memory went, one line per measurement.

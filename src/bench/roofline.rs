@@ -584,7 +584,6 @@ impl Machine {
     /// `buffer_mib` MiB (best of `reps`), on rayon's current thread count.
     pub fn probe_with(n: usize, buffer_mib: usize, reps: usize) -> crate::Result<Machine> {
         use candle_core::{Device, Tensor};
-        use rayon::prelude::*;
         let reps = reps.max(1);
         let dev = Device::Cpu;
         let a = Tensor::randn(0f32, 1.0, (n, n), &dev)?;
@@ -604,31 +603,7 @@ impl Machine {
         }
         let flops = 2.0 * (n as f64).powi(3) / best;
 
-        let len = buffer_mib * (1 << 20) / 4;
-        let src: Vec<f32> = (0..len).into_par_iter().map(|i| (i % 7) as f32).collect();
-        let mut dst = vec![0f32; len];
-        let chunk = (len / (4 * rayon::current_num_threads().max(1))).max(1 << 14);
-        let read_once = |s: &[f32]| -> f32 { s.par_chunks(chunk).map(read_streams).sum() };
-        let copy_once = |d: &mut [f32], s: &[f32]| {
-            d.par_chunks_mut(chunk)
-                .zip(s.par_chunks(chunk))
-                .for_each(|(d, s)| d.copy_from_slice(s));
-        };
-        copy_once(&mut dst, &src); // fault the destination in
-        let mut sink = read_once(&src);
-        let (mut best_read, mut best_copy) = (f64::MAX, f64::MAX);
-        for _ in 0..reps {
-            let t = Instant::now();
-            sink += read_once(&src);
-            best_read = best_read.min(t.elapsed().as_secs_f64());
-            let t = Instant::now();
-            copy_once(&mut dst, &src);
-            best_copy = best_copy.min(t.elapsed().as_secs_f64());
-        }
-        std::hint::black_box((sink, &dst));
-        let bytes = (len * 4) as f64;
-        let read_bandwidth = bytes / best_read;
-        let copy_bandwidth = 2.0 * bytes / best_copy;
+        let (read_bandwidth, copy_bandwidth) = measure_bandwidth(buffer_mib, reps);
         Ok(Machine {
             flops,
             bandwidth: read_bandwidth.max(copy_bandwidth),
@@ -648,6 +623,14 @@ impl Machine {
     /// The standard probe: 1024^3 matmul and a 256 MiB buffer, best of 5 (a few seconds).
     pub fn probe() -> crate::Result<Machine> {
         Self::probe_with(1024, 256, 5)
+    }
+
+    /// This machine's memory bandwidth now, measured as the probe measures it (its buffer,
+    /// best of 3; a fraction of a second): the bench reads it around each measurement to tell
+    /// whether the machine kept the bandwidth its probe saw.
+    pub fn bandwidth_now(&self) -> f64 {
+        let (read, copy) = measure_bandwidth(self.buffer_mib, 3);
+        read.max(copy)
     }
 
     /// The cached probe for this CPU and thread count, or a fresh one (then cached). A cache
@@ -678,6 +661,36 @@ impl Machine {
         });
         Ok((m, ProbeSource::Measured(saved)))
     }
+}
+
+/// Best of `reps` reads (bytes / s) and copies ((read + written bytes) / s) of a buffer of
+/// `buffer_mib` MiB, on rayon's current thread count.
+fn measure_bandwidth(buffer_mib: usize, reps: usize) -> (f64, f64) {
+    use rayon::prelude::*;
+    let len = (buffer_mib.max(1) * (1 << 20) / 4).max(1 << 14);
+    let src: Vec<f32> = (0..len).into_par_iter().map(|i| (i % 7) as f32).collect();
+    let mut dst = vec![0f32; len];
+    let chunk = (len / (4 * rayon::current_num_threads().max(1))).max(1 << 14);
+    let read_once = |s: &[f32]| -> f32 { s.par_chunks(chunk).map(read_streams).sum() };
+    let copy_once = |d: &mut [f32], s: &[f32]| {
+        d.par_chunks_mut(chunk)
+            .zip(s.par_chunks(chunk))
+            .for_each(|(d, s)| d.copy_from_slice(s));
+    };
+    copy_once(&mut dst, &src); // fault the destination in
+    let mut sink = read_once(&src);
+    let (mut best_read, mut best_copy) = (f64::MAX, f64::MAX);
+    for _ in 0..reps.max(1) {
+        let t = Instant::now();
+        sink += read_once(&src);
+        best_read = best_read.min(t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        copy_once(&mut dst, &src);
+        best_copy = best_copy.min(t.elapsed().as_secs_f64());
+    }
+    std::hint::black_box((sink, &dst));
+    let bytes = (len * 4) as f64;
+    (bytes / best_read, 2.0 * bytes / best_copy)
 }
 
 /// Sum of `c`, read as four interleaved sequential streams (the access pattern of the decode

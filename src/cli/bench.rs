@@ -418,6 +418,12 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                     (base_rss, loaded_rss),
                     |m| say(m),
                 )?;
+                if a.json {
+                    // The readable table carries this warning; JSON readers get it here too.
+                    if let Some(w) = report::bandwidth_warning(&row) {
+                        say(&w);
+                    }
+                }
                 rows.push(row);
             }
         }
