@@ -283,6 +283,32 @@ fn runner_measures_tiny_models() {
         seed: 3,
         ..Default::default()
     };
+    // --min-time: timed runs go on until they add up to the time asked for.
+    let (_, model) = &tiny_models()[0];
+    let w = Workload {
+        batch: 1,
+        prompt_len: 8,
+        new_tokens: 8,
+    };
+    let timed = BenchSpec {
+        runs: 1,
+        warmup: 0,
+        min_seconds: 0.05,
+        ..Default::default()
+    };
+    let r = bench::bench_model(model, "t", w, &timed, None, (0, 0), |_| {}).unwrap();
+    assert!(r.runs.len() > 1, "{} runs", r.runs.len());
+    let total: f64 = r.runs.iter().map(|x| x.seconds).sum();
+    assert!(total >= 0.05, "{total}");
+    assert!(
+        r.runs[..r.runs.len() - 1]
+            .iter()
+            .map(|x| x.seconds)
+            .sum::<f64>()
+            < 0.05
+    );
+    assert!(r.bandwidth_check.is_none() && r.bound.is_none());
+
     let mut rows = Vec::new();
     for (name, model) in tiny_models() {
         for batch in [1, 2] {
@@ -333,6 +359,7 @@ fn runner_measures_tiny_models() {
         machine: Some(m),
         threads: 1,
         runs: 2,
+        min_seconds: 0.0,
         warmup: 1,
         ratios: bench::ratios(&rows[..2], &rows[2..]),
         compare: Some(("tiny_block".into(), "tiny_vanilla".into())),
@@ -568,6 +595,10 @@ fn cli_rejects_bad_flags() {
             "SVG",
         ),
         (&["bench"], "no model"),
+        (
+            &["bench", "--preset", "vanilla_31", "--min-time", "nan"],
+            "--min-time NaN: expected seconds",
+        ),
         (
             &[
                 "bench",

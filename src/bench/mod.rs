@@ -79,6 +79,9 @@ impl Setting {
 pub struct BenchSpec {
     /// Timed runs (at least 1).
     pub runs: usize,
+    /// Further timed runs until the timed runs add up to this many seconds (0: exactly
+    /// `runs`): short measurements then take the median of many runs, long ones of `runs`.
+    pub min_seconds: f64,
     /// Untimed runs first.
     pub warmup: usize,
     /// Seed of the random prompts.
@@ -93,6 +96,7 @@ impl Default for BenchSpec {
     fn default() -> Self {
         BenchSpec {
             runs: 3,
+            min_seconds: 0.0,
             warmup: 1,
             seed: 0,
             sync_split: false,
@@ -455,17 +459,24 @@ pub fn bench_model(
         ));
     }
     let mut runs = Vec::new();
-    for i in 0..spec.runs.max(1) {
+    let mut timed = 0.0;
+    while runs.len() < spec.runs.max(1) || timed < spec.min_seconds {
+        let i = runs.len();
         let o = run_once(&mut eng, &w, spec.seed.wrapping_add(1 + i as u64))?;
         let (secs, stats) = (o.seconds, o.stats);
         kv_max = kv_max.max(o.kv_bytes);
         device_peak = device_peak.max(o.device_used);
+        timed += secs;
         let tps = (w.batch * w.new_tokens) as f64 / secs;
+        let of = if i < spec.runs.max(1) {
+            format!("/{}", spec.runs.max(1))
+        } else {
+            format!(" ({timed:.1} of {:.1} s)", spec.min_seconds)
+        };
         progress(&format!(
-            "{name} {setting} batch {}: run {}/{} {secs:.2} s, {tps:.1} tokens/s",
+            "{name} {setting} batch {}: run {}{of} {secs:.2} s, {tps:.1} tokens/s",
             w.batch,
             i + 1,
-            spec.runs.max(1)
         ));
         runs.push(RunMeasure {
             seconds: secs,
@@ -633,6 +644,8 @@ pub struct BenchReport {
     pub machine: Option<Machine>,
     pub threads: usize,
     pub runs: usize,
+    /// Timed runs continued until they added up to this many seconds (`--min-time`).
+    pub min_seconds: f64,
     pub warmup: usize,
     pub rows: Vec<BenchRow>,
     /// With `--compare A B`: A / B.

@@ -121,7 +121,12 @@ pub fn throughput_table(rows: &[BenchRow]) -> String {
                 format!("{}+{}", r.prompt_len, r.new_tokens),
                 r.batch.to_string(),
                 format!("{:.1}", r.tokens_per_s),
-                format!("{:.0}-{:.0}", r.tokens_per_s_min, r.tokens_per_s_max),
+                format!(
+                    "{:.0}-{:.0} ({})",
+                    r.tokens_per_s_min,
+                    r.tokens_per_s_max,
+                    r.runs.len()
+                ),
                 format!("{:.2}", r.ms_per_token),
                 secs(r.seconds),
                 bound,
@@ -139,7 +144,7 @@ pub fn throughput_table(rows: &[BenchRow]) -> String {
             "P+G",
             "batch",
             "tokens/s",
-            "range",
+            "range (runs)",
             "ms/token",
             "time s",
             "bound tok/s",
@@ -303,9 +308,17 @@ pub fn text(r: &BenchReport) -> String {
     } else {
         ""
     };
+    let more = if r.min_seconds > 0.0 {
+        format!(
+            " (more until the timed runs add up to {:.1} s)",
+            r.min_seconds
+        )
+    } else {
+        String::new()
+    };
     let _ = writeln!(
         out,
-        "{} warm-up + {} timed runs each; tokens/s = generated tokens / wall time (median run, prefill included){kv}\n",
+        "{} warm-up + {} timed runs each{more}; tokens/s = generated tokens / wall time (median run, prefill included){kv}\n",
         r.warmup, r.runs
     );
     out.push_str(&throughput_table(&r.rows));

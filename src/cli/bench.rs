@@ -55,6 +55,11 @@ pub struct Args {
     /// Timed runs per measurement.
     #[arg(long, default_value_t = 3)]
     pub runs: usize,
+    /// Keep timing runs past --runs until they add up to this many seconds, so that short
+    /// measurements report the median of many runs (one hiccup of a shared machine then no
+    /// longer decides a 0.4 s measurement).
+    #[arg(long, value_name = "SECONDS", default_value_t = 0.0)]
+    pub min_time: f64,
     /// Untimed warm-up runs per measurement.
     #[arg(long, default_value_t = 1)]
     pub warmup: usize,
@@ -231,6 +236,12 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     if a.runs == 0 {
         bail!("--runs must be at least 1");
     }
+    if !(a.min_time.is_finite() && (0.0..=86_400.0).contains(&a.min_time)) {
+        bail!(
+            "--min-time {}: expected seconds between 0 and 86400",
+            a.min_time
+        );
+    }
     if a.max_batch == 0 {
         bail!("--max-batch must be at least 1");
     }
@@ -348,6 +359,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
 
     let spec = BenchSpec {
         runs: a.runs,
+        min_seconds: a.min_time,
         warmup: a.warmup,
         seed: a.seed,
         sync_split: a.sync_split,
@@ -458,6 +470,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         machine,
         threads: rayon::current_num_threads(),
         runs: a.runs,
+        min_seconds: a.min_time,
         warmup: a.warmup,
         rows: rows_by_model.into_iter().flatten().collect(),
         compare,
