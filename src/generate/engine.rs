@@ -547,7 +547,7 @@ impl Engine {
     /// small parallel loops then share work with the other workers directly instead of each
     /// waking the pool from outside and sleeping until it ends.
     pub fn step(&mut self) -> Result<Vec<StepEvent>> {
-        rayon::scope(|_| self.step_here())
+        rayon::scope(|_| crate::kernels::with_workers_awake(|| self.step_here()))
     }
 
     fn step_here(&mut self) -> Result<Vec<StepEvent>> {
