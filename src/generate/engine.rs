@@ -545,9 +545,15 @@ impl Engine {
     ///
     /// The step runs on a worker of rayon's pool (inline when called from one): its many
     /// small parallel loops then share work with the other workers directly instead of each
-    /// waking the pool from outside and sleeping until it ends.
+    /// waking the pool from outside and sleeping until it ends. On the CPU the pool's other
+    /// workers stay awake for the step ([`crate::kernels::with_workers_awake`]); a GPU step
+    /// leaves them asleep.
     pub fn step(&mut self) -> Result<Vec<StepEvent>> {
-        rayon::scope(|_| crate::kernels::with_workers_awake(|| self.step_here()))
+        if self.model.device().is_cpu() {
+            rayon::scope(|_| crate::kernels::with_workers_awake(|| self.step_here()))
+        } else {
+            rayon::scope(|_| self.step_here())
+        }
     }
 
     fn step_here(&mut self) -> Result<Vec<StepEvent>> {
