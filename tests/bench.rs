@@ -474,8 +474,38 @@ fn cli_compares_two_model_folders() {
     assert_eq!(v["compare"][0], "tiny_block");
     assert!(v["rows"][0]["efficiency"].as_f64().unwrap() > 0.0);
     assert_eq!(v["machine"]["flops"].as_f64(), Some(2e10));
+    assert!(v["rows"][0]["bandwidth_check"]["after"].as_f64().unwrap() > 0.0);
     let svg = std::fs::read_to_string(&chart).unwrap();
     assert!(svg.contains("tiny_vanilla") && svg.contains("</svg>"));
+
+    // A bandwidth given by flag is not this machine's: no check against it.
+    let (ok, out, err) = bf(&[
+        "bench",
+        "--threads",
+        "1",
+        "--model",
+        &paths[1],
+        "--prompt-len",
+        "8",
+        "--new-tokens",
+        "8",
+        "--batch-size",
+        "1",
+        "--runs",
+        "1",
+        "--warmup",
+        "0",
+        "--probe-cache",
+        probe.to_str().unwrap(),
+        "--bandwidth-gbs",
+        "20",
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    assert!(!err.contains("warning:"), "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["machine"]["bandwidth"].as_f64(), Some(2e10));
+    assert!(v["rows"][0]["bandwidth_check"].is_null());
 
     // The bound alone, at given speeds.
     let (ok, out, err) = bf(&[

@@ -90,6 +90,10 @@ pub struct BenchSpec {
     pub sync_split: bool,
     /// Element type of the long-lived KV caches on the host path.
     pub kv_dtype: KvDtype,
+    /// Read this machine's bandwidth around each CPU measurement and compare it with the
+    /// machine's ([`BandwidthCheck`]): only meaningful when that is this machine's probe, not
+    /// a bandwidth given for another machine.
+    pub check_bandwidth: bool,
 }
 
 impl Default for BenchSpec {
@@ -101,6 +105,7 @@ impl Default for BenchSpec {
             seed: 0,
             sync_split: false,
             kv_dtype: KvDtype::F32,
+            check_bandwidth: true,
         }
     }
 }
@@ -437,8 +442,8 @@ pub fn bench_model(
     let setting = Setting::of(w.prompt_len, w.new_tokens).name();
     // The bandwidth check allocates two probe buffers: before the peak is reset, after it
     // is read.
-    let cpu_machine = machine.filter(|_| model.device().is_cpu());
-    let bandwidth_before = cpu_machine.map(|m| m.bandwidth_now());
+    let checked = machine.filter(|_| spec.check_bandwidth && model.device().is_cpu());
+    let bandwidth_before = checked.map(|m| m.bandwidth_now());
     trim_heap();
     let peak_reset = reset_peak_rss();
     let mut kv_max = 0;
@@ -460,7 +465,8 @@ pub fn bench_model(
     }
     let mut runs = Vec::new();
     let mut timed = 0.0;
-    while runs.len() < spec.runs.max(1) || timed < spec.min_seconds {
+    let fixed_runs = spec.runs.max(1);
+    while runs.len() < fixed_runs || timed < spec.min_seconds {
         let i = runs.len();
         let o = run_once(&mut eng, &w, spec.seed.wrapping_add(1 + i as u64))?;
         let (secs, stats) = (o.seconds, o.stats);
@@ -468,8 +474,8 @@ pub fn bench_model(
         device_peak = device_peak.max(o.device_used);
         timed += secs;
         let tps = (w.batch * w.new_tokens) as f64 / secs;
-        let of = if i < spec.runs.max(1) {
-            format!("/{}", spec.runs.max(1))
+        let of = if i < fixed_runs {
+            format!("/{fixed_runs}")
         } else {
             format!(" ({timed:.1} of {:.1} s)", spec.min_seconds)
         };
@@ -485,7 +491,7 @@ pub fn bench_model(
         });
     }
     let (_, hwm) = rss();
-    let bandwidth_check = cpu_machine
+    let bandwidth_check = checked
         .zip(bandwidth_before)
         .map(|(m, before)| BandwidthCheck {
             probe: m.bandwidth,

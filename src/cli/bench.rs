@@ -364,6 +364,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         seed: a.seed,
         sync_split: a.sync_split,
         kv_dtype: a.kv_cache.into(),
+        // A bandwidth given by flag is another machine's (or a what-if): nothing to check.
+        check_bandwidth: a.bandwidth_gbs.is_none(),
     };
     let mut rows_by_model = Vec::new();
     let mut notes = Vec::new();

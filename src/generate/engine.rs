@@ -549,11 +549,13 @@ impl Engine {
     /// workers stay awake for the step ([`crate::kernels::with_workers_awake`]); a GPU step
     /// leaves them asleep.
     pub fn step(&mut self) -> Result<Vec<StepEvent>> {
-        if self.model.device().is_cpu() {
-            rayon::scope(|_| crate::kernels::with_workers_awake(|| self.step_here()))
-        } else {
-            rayon::scope(|_| self.step_here())
-        }
+        rayon::scope(|_| {
+            if self.model.device().is_cpu() {
+                crate::kernels::with_workers_awake(|| self.step_here())
+            } else {
+                self.step_here()
+            }
+        })
     }
 
     fn step_here(&mut self) -> Result<Vec<StepEvent>> {
