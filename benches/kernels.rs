@@ -96,6 +96,67 @@ fn cold_matmuls() {
     }
 }
 
+/// The LM head with cold weights (copies cycling through ~300 MB): float32 panels, `q8_0`
+/// panels and candle's `q8_0` matmul (`cargo bench --bench kernels -- q8`).
+fn cold_q8() {
+    use blockformer::kernels::panel::{matmul_panels_new, Panels};
+    use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+    println!(
+        "{:>18} {:>10} {:>10} {:>12}",
+        "M x K x N (cold)", "f32 ms", "q8_0 ms", "candle q8 ms"
+    );
+    for (m, k, n) in [
+        (1, 768, 50304),
+        (8, 768, 50304),
+        (16, 768, 50304),
+        (64, 768, 50304),
+        (1, 512, 50304),
+        (16, 512, 50304),
+        (64, 256, 50304),
+    ] {
+        let copies = (300usize << 20).div_ceil(k * n * 4).max(2);
+        let ws: Vec<Vec<f32>> = (0..copies)
+            .map(|c| {
+                (0..k * n)
+                    .map(|i| ((i * 7 + c) % 13) as f32 * 0.01 - 0.06)
+                    .collect()
+            })
+            .collect();
+        let fp: Vec<Panels> = ws.iter().map(|w| Panels::pack(w, k, n)).collect();
+        let qp: Vec<Panels> = ws.iter().map(|w| Panels::pack_q8_0(w, k, n)).collect();
+        let qm: Vec<QMatMul> = ws
+            .iter()
+            .map(|w| {
+                let t = Tensor::from_slice(w, (k, n), &Device::Cpu).unwrap();
+                let t = t.t().unwrap().contiguous().unwrap();
+                QMatMul::from_qtensor(QTensor::quantize(&t, GgmlDType::Q8_0).unwrap()).unwrap()
+            })
+            .collect();
+        let x: Vec<f32> = (0..m * k).map(|i| (i % 5) as f32 * 0.1).collect();
+        let xt = Tensor::from_slice(&x, (m, k), &Device::Cpu).unwrap();
+        let reps = 2 * copies;
+        let mut c = 0;
+        let mut run = |ps: &[Panels]| {
+            time(reps, || {
+                c = (c + 1) % copies;
+                std::hint::black_box(matmul_panels_new(&x, m, &ps[c]));
+            })
+        };
+        let (f, q) = (run(&fp), run(&qp));
+        let g = time(reps, || {
+            c = (c + 1) % copies;
+            std::hint::black_box(candle_core::Module::forward(&qm[c], &xt).unwrap());
+        });
+        println!(
+            "{:>18} {:>10.3} {:>10.3} {:>12.3}",
+            format!("{m}x{k}x{n}"),
+            f * 1e3,
+            q * 1e3,
+            g * 1e3
+        );
+    }
+}
+
 /// Batched decode attention over cold caches (64 rows x 8 heads, context 1024, K+V well beyond
 /// the L3), at the head sizes of the presets: GB/s of cache read. `ATT_CTX=128,640,2048` sets
 /// the contexts and `ATT_CAP=2176` the caches' capacity (default: context + 1).
@@ -198,6 +259,9 @@ fn main() {
     }
     if std::env::args().any(|a| a == "cold") {
         return cold_matmuls();
+    }
+    if std::env::args().any(|a| a == "q8") {
+        return cold_q8();
     }
     if std::env::args().any(|a| a == "attention") {
         return decode_attention();

@@ -101,13 +101,33 @@ impl Linear {
         Ok(())
     }
 
-    /// Bytes of the packed copy (0 without one).
+    /// Bytes of the packed float32 copy (0 without one).
     pub fn packed_bytes(&self) -> usize {
-        self.packed.as_ref().map_or(0, |p| p.bytes())
+        self.packed
+            .as_ref()
+            .filter(|p| !p.is_q8_0())
+            .map_or(0, |p| p.bytes())
     }
 
-    /// Keeps a `q8_0` copy of the weight (blocks of 32 int8 values with one scale, 8.5 bits per
-    /// weight) and computes inference products with it; training (variables) is unaffected.
+    /// Bytes of the `q8_0` copy (0 without one).
+    pub fn quantized_bytes(&self) -> usize {
+        match (&self.quantized, &self.packed) {
+            (Some(candle_core::quantized::QMatMul::QTensor(q)), _) => q.storage_size_in_bytes(),
+            (_, Some(p)) if p.is_q8_0() => p.bytes(),
+            _ => 0,
+        }
+    }
+
+    /// Whether inference reads a `q8_0` copy of the weight.
+    pub fn is_q8_0(&self) -> bool {
+        self.quantized.is_some() || self.packed.as_ref().is_some_and(|p| p.is_q8_0())
+    }
+
+    /// Keeps a `q8_0` copy of the weight (blocks of 32 int8 values with one float16 scale, 8.5
+    /// bits per weight) and computes inference products with it; training (variables) is
+    /// unaffected. On the CPU in float32 the copy is packed in panels for the decode kernels,
+    /// which widen the weights in registers (activations stay float32); elsewhere candle's
+    /// `q8_0` matmul.
     pub fn quantize_q8_0(&mut self) -> Result<()> {
         use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
         let in_dim = self.weight_t.dim(0)?;
@@ -116,6 +136,12 @@ impl Linear {
                 "--quantize",
                 format!("q8_0 needs the layer's input width ({in_dim}) to be a multiple of 32"),
             ));
+        }
+        if self.weight_t.device().is_cpu() && self.weight_t.dtype() == DType::F32 {
+            let (k, n) = self.weight_t.dims2()?;
+            let w = HostView::new(&self.weight_t)?;
+            self.packed = Some(Arc::new(Panels::pack_q8_0(w.get(), k, n)));
+            return Ok(());
         }
         let w = self.weight_t.t()?.contiguous()?; // [out, in]
         self.quantized = Some(QMatMul::from_qtensor(QTensor::quantize(

@@ -258,17 +258,15 @@ impl Model {
 
     /// Bytes of the quantized copies held for inference (the `q8_0` LM head).
     pub fn quantized_bytes(&self) -> usize {
-        match &self.lm_head().quantized {
-            Some(candle_core::quantized::QMatMul::QTensor(q)) => q.storage_size_in_bytes(),
-            _ => 0,
-        }
+        self.lm_head().quantized_bytes()
     }
 
     /// Bytes per LM-head weight as held for inference (`q8_0`: 34 bytes per block of 32).
     pub fn lm_head_bytes_per_weight(&self) -> f64 {
-        match self.lm_head().quantized {
-            Some(_) => 34.0 / 32.0,
-            None => self.dtype().size_in_bytes() as f64,
+        if self.lm_head().is_q8_0() {
+            34.0 / 32.0
+        } else {
+            self.dtype().size_in_bytes() as f64
         }
     }
 
