@@ -707,3 +707,75 @@ fn float16_caches_halve_the_cache_traffic_the_bound_counts() {
         assert_eq!(r.stats.tokens, 16);
     }
 }
+
+#[test]
+fn q8_0_weights_count_8_5_bits_in_the_bound_and_the_memory_model() {
+    // vanilla_70 at 128+128, batch 8: the layers' and the LM head's weights shrink to 34 bytes
+    // per 32, caches and activations stay.
+    let cfg = blockformer::config::preset("vanilla_70").unwrap();
+    let w = Workload {
+        batch: 8,
+        prompt_len: 128,
+        new_tokens: 128,
+    };
+    let q = 34.0 / 32.0;
+    let f32s = blockformer::bench::roofline::cost_typed(&cfg, &w, 4.0, 4.0, 4.0);
+    let q8s = blockformer::bench::roofline::cost_typed(&cfg, &w, 4.0, q, 4.0);
+    let ModelConfig::Vanilla(c) = &cfg else {
+        unreachable!()
+    };
+    for (a, b) in f32s.iter().zip(&q8s) {
+        assert_eq!(a.flops, b.flops);
+        let want = match a.kind {
+            Kind::Dense => a.bytes * q / 4.0,
+            Kind::LmHead => a.bytes - (4.0 - q) * (c.vocab_size * c.hidden_size) as f64,
+            _ => a.bytes,
+        };
+        assert!((b.bytes - want).abs() <= 1e-9 * want, "{:?}", a.kind);
+    }
+
+    // A model: all layers or none (a width that is not a multiple of 32 is named).
+    let mut narrow = Model::random(&ModelConfig::Vanilla(tiny_neox()), 0, &Device::Cpu).unwrap();
+    let e = narrow.quantize_q8_0().unwrap_err().to_string();
+    assert!(e.contains("--quantize") && e.contains("width 4"), "{e}");
+    assert_eq!(narrow.quantized_bytes(), 0);
+    let cfg = ModelConfig::Vanilla(NeoXConfig::pythia(50, 2, 32, 2, 64));
+    let f32_model = Model::random(&cfg, 0, &Device::Cpu).unwrap();
+    let mut model = f32_model.clone();
+    model.quantize_q8_0().unwrap();
+    model.pack_for_host().unwrap();
+    assert_eq!(model.linear_bytes_per_weight(), q);
+    assert_eq!(model.packed_bytes(), 0, "nothing left in float32 panels");
+    // Per layer: QKV 32x96, dense 32x32, fc1 32x64, fc2 64x32; the head 32x50 (two panels).
+    let panels = |k: usize, n: usize| n.div_ceil(32) * 32 * (k + k / 16);
+    let layer = panels(32, 96) + panels(32, 32) + panels(32, 64) + panels(64, 32);
+    assert_eq!(model.quantized_bytes(), 2 * layer + panels(32, 50));
+    let mm = bench::memory_model(&model, 8, 8, KvDtype::F32);
+    assert_eq!(mm.weights, bench::weight_bytes(&model));
+    // The runner's bound reads the quantized widths.
+    let m = machine(4e11, 5e10);
+    let spec = BenchSpec {
+        runs: 1,
+        warmup: 0,
+        ..Default::default()
+    };
+    let w = Workload {
+        batch: 2,
+        prompt_len: 8,
+        new_tokens: 8,
+    };
+    let mut f32_model = f32_model;
+    f32_model.pack_for_host().unwrap();
+    let a = bench::bench_model(
+        &Arc::new(f32_model),
+        "f32",
+        w,
+        &spec,
+        Some(&m),
+        (0, 0),
+        |_| {},
+    );
+    let b = bench::bench_model(&Arc::new(model), "q8", w, &spec, Some(&m), (0, 0), |_| {});
+    let (a, b) = (a.unwrap().bound.unwrap(), b.unwrap().bound.unwrap());
+    assert!(b.bytes < a.bytes && b.flops == a.flops, "{b:?} vs {a:?}");
+}

@@ -395,12 +395,12 @@ fn f16_kv_cache_stays_close_to_f32() {
 }
 
 #[test]
-fn q8_0_lm_head_stays_close_to_float32() {
-    // The fixture models with their LM head as int8 blocks: logits of the official forward
-    // within a small relative error, greedy continuations mostly unchanged.
+fn q8_0_stays_close_to_float32() {
+    // The fixture models with their decoder layers and LM head as int8 blocks: greedy
+    // continuations mostly unchanged.
     for (name, model) in models() {
         let mut q = (*model).clone();
-        if let Err(e) = q.quantize_lm_head() {
+        if let Err(e) = q.quantize_q8_0() {
             // Block widths must be multiples of 32 (block_b8's token decoder is 48 wide).
             assert!(e.to_string().contains("multiple of 32"), "{name}: {e}");
             continue;
@@ -417,9 +417,7 @@ fn q8_0_lm_head_stays_close_to_float32() {
             .map(|((x, _), (y, _))| x.iter().zip(y).take_while(|(p, r)| p == r).count())
             .sum();
         let total: usize = a.iter().map(|(x, _)| x.len()).sum();
-        println!(
-            "{name}: q8_0 head, greedy tokens equal up to the first difference: {same}/{total}"
-        );
+        println!("{name}: q8_0, greedy tokens equal up to the first difference: {same}/{total}");
         assert!(same * 10 >= total * 7, "{name}: {same}/{total}");
     }
     // Only float32 models are quantized.
@@ -427,7 +425,7 @@ fn q8_0_lm_head_stays_close_to_float32() {
     let mut half = model
         .to(&candle_core::Device::Cpu, candle_core::DType::BF16)
         .unwrap();
-    let err = half.quantize_lm_head().unwrap_err().to_string();
+    let err = half.quantize_q8_0().unwrap_err().to_string();
     assert!(err.contains("--quantize"), "{err}");
 }
 

@@ -288,14 +288,15 @@ pub fn kv_elem_bytes(model: &Model, kv: KvDtype) -> usize {
 }
 
 /// The roofline bound of a run of `model` on `m`, at the element sizes it holds: weights in
-/// its dtype, the LM head as stored (e.g. `q8_0`), the long-lived caches as `kv` says.
+/// its dtype, the decoder layers and LM head as stored (e.g. `q8_0`), the long-lived caches as
+/// `kv` says.
 pub fn roofline_bound(model: &Model, w: &Workload, m: &Machine, kv: KvDtype) -> Roofline {
     Roofline::bound_typed(
         &model.config,
         w,
         m,
         model.dtype().size_in_bytes() as f64,
-        model.lm_head_bytes_per_weight(),
+        model.linear_bytes_per_weight(),
         kv_elem_bytes(model, kv) as f64,
     )
 }

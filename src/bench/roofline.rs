@@ -108,10 +108,11 @@ pub fn cost_with(cfg: &ModelConfig, w: &Workload, e: f64) -> Vec<Kernel> {
     cost_typed(cfg, w, e, e, e)
 }
 
-/// [`cost_with`] with the LM head's weights at `e_head` bytes each (1.0625 for `q8_0`) and the
+/// [`cost_with`] with the decoder layers' and the LM head's weights at `e_w` bytes each (1.0625
+/// for `q8_0`; the embedder's tables and the token decoder's expansion keep `e`) and the
 /// long-lived caches (block decoder, vanilla stack) at `e_kv` bytes per element (2 for the
 /// host path's `--kv-cache f16`; the token decoder's per-block cache keeps `e`).
-pub fn cost_typed(cfg: &ModelConfig, w: &Workload, e: f64, e_head: f64, e_kv: f64) -> Vec<Kernel> {
+pub fn cost_typed(cfg: &ModelConfig, w: &Workload, e: f64, e_w: f64, e_kv: f64) -> Vec<Kernel> {
     let mut out = Vec::new();
     let b = w.batch as f64;
     if w.batch == 0 || w.new_tokens == 0 || w.prompt_len == 0 {
@@ -134,7 +135,7 @@ pub fn cost_typed(cfg: &ModelConfig, w: &Workload, e: f64, e_head: f64, e_kv: f6
                 part: Part::TokenDecoder,
                 kind: Kind::LmHead,
                 flops: 2.0 * rows * (v * h) as f64,
-                bytes: e_head * (v * h) as f64 + 2.0 * e * rows * v as f64,
+                bytes: e_w * (v * h) as f64 + 2.0 * e * rows * v as f64,
             };
             for s in 0..steps {
                 // Block decoder over the new blocks: all prompt blocks, then one block.
@@ -158,7 +159,7 @@ pub fn cost_typed(cfg: &ModelConfig, w: &Workload, e: f64, e_head: f64, e_kv: f6
                     part: Part::BlockDecoder,
                     kind: Kind::Dense,
                     flops: 2.0 * b * new as f64 * n_bd,
-                    bytes: e * n_bd,
+                    bytes: e_w * n_bd,
                 });
                 out.push(Kernel {
                     step: s,
@@ -177,7 +178,7 @@ pub fn cost_typed(cfg: &ModelConfig, w: &Workload, e: f64, e_head: f64, e_kv: f6
                     part: Part::TokenDecoder,
                     kind: Kind::Dense,
                     flops: 2.0 * b * (d * r * h) as f64 + 2.0 * b * r as f64 * n_td,
-                    bytes: e * ((d + 1) * r * h) as f64 + e * n_td,
+                    bytes: e * ((d + 1) * r * h) as f64 + e_w * n_td,
                 });
                 out.push(Kernel {
                     step: s,
@@ -195,7 +196,7 @@ pub fn cost_typed(cfg: &ModelConfig, w: &Workload, e: f64, e_head: f64, e_kv: f6
                         part: Part::TokenDecoder,
                         kind: Kind::Dense,
                         flops: 2.0 * b * n_td,
-                        bytes: e * n_td + e * b * h as f64,
+                        bytes: e_w * n_td + e * b * h as f64,
                     });
                     out.push(Kernel {
                         step: s,
@@ -232,7 +233,7 @@ pub fn cost_typed(cfg: &ModelConfig, w: &Workload, e: f64, e_head: f64, e_kv: f6
                     part: Part::BlockDecoder,
                     kind: Kind::Dense,
                     flops: 2.0 * b * new as f64 * n,
-                    bytes: e * n,
+                    bytes: e_w * n,
                 });
                 out.push(Kernel {
                     step: s,
@@ -248,7 +249,7 @@ pub fn cost_typed(cfg: &ModelConfig, w: &Workload, e: f64, e_head: f64, e_kv: f6
                     part: Part::LmHead,
                     kind: Kind::LmHead,
                     flops: 2.0 * b * (v * wd) as f64,
-                    bytes: e_head * (v * wd) as f64 + 2.0 * e * b * v as f64,
+                    bytes: e_w * (v * wd) as f64 + 2.0 * e * b * v as f64,
                 });
             }
         }
@@ -313,17 +314,18 @@ impl Roofline {
         Self::bound_typed(cfg, w, m, e, e, e)
     }
 
-    /// [`Roofline::bound_with`] with the LM head's weights at `e_head` bytes each and the
+    /// [`Roofline::bound_with`] with the decoder layers' and LM head's weights at `e_w` bytes
+    /// each and the
     /// long-lived caches at `e_kv` (see [`cost_typed`]).
     pub fn bound_typed(
         cfg: &ModelConfig,
         w: &Workload,
         m: &Machine,
         e: f64,
-        e_head: f64,
+        e_w: f64,
         e_kv: f64,
     ) -> Roofline {
-        let kernels = cost_typed(cfg, w, e, e_head, e_kv);
+        let kernels = cost_typed(cfg, w, e, e_w, e_kv);
         let mut r = Roofline::default();
         let mut i = 0;
         while i < kernels.len() {

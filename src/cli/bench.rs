@@ -105,7 +105,7 @@ pub struct Args {
     pub dry_run: bool,
     /// Device, dtype, quantization. On a GPU the roofline uses --peak-gflops and
     /// --bandwidth-gbs, or the data-sheet numbers of a known GPU (H100, H200); with q8_0 it
-    /// counts 8.5 bits per LM-head weight.
+    /// counts 8.5 bits per decoder-layer and LM-head weight.
     #[command(flatten)]
     pub run: super::common::RunArgs,
     /// Print only the report (no progress lines on stderr).

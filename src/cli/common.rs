@@ -42,7 +42,8 @@ pub struct RunArgs {
     /// bf16 (eval: f32).
     #[arg(long)]
     pub dtype: Option<String>,
-    /// Inference quantization: `q8_0` keeps the LM head as int8 blocks of 32 with a scale.
+    /// Inference quantization: `q8_0` keeps the decoder layers' matrices and the LM head as
+    /// int8 blocks of 32 inputs with a float16 scale (8.5 bits per weight; float32 models).
     #[arg(long)]
     pub quantize: Option<String>,
 }
@@ -73,7 +74,7 @@ impl RunArgs {
             .with_context(|| format!("converting the weights to {dt:?}"))?;
         match self.quantize.as_deref() {
             None => {}
-            Some("q8_0") => model.quantize_lm_head()?,
+            Some("q8_0") => model.quantize_q8_0()?,
             Some(o) => bail!("--quantize {o}: expected q8_0"),
         }
         Ok(model)

@@ -421,10 +421,12 @@ impl Layer {
         let fc1 = &self.dense_h_to_4h;
         let rows = x.elem_count() / x.dim(D::Minus1)?;
         let hidden = match &fc1.bias {
-            // Bias and GELU as one op with its own backward (CPU float32, not decode-sized).
+            // Bias and GELU as one op with its own backward (CPU float32, not decode-sized,
+            // not quantized).
             Some(b)
                 if x.device().is_cpu()
                     && x.dtype() == DType::F32
+                    && !fc1.is_q8_0()
                     && (rows > matmul::SKINNY_MAX_ROWS || fc1.weight_t.is_variable()) =>
             {
                 let h = fc1.product(x)?.contiguous()?;

@@ -228,17 +228,34 @@ impl Model {
         Self::build(&self.config, &mut src)
     }
 
-    /// Inference with the LM head in `q8_0` (int8 blocks of 32 with a scale: ~3.8x fewer bytes
-    /// than float32 for the one matrix every generated position reads in full). Float32 models
-    /// only; the stored parameters (and saved checkpoints) are unchanged.
-    pub fn quantize_lm_head(&mut self) -> Result<()> {
+    /// Inference with the decoder layers' matrices and the LM head in `q8_0` (int8 blocks of 32
+    /// inputs with a float16 scale: ~3.8x fewer bytes than float32 for the weights every
+    /// decode step reads in full; embedding tables, biases and LayerNorms stay float32).
+    /// Float32 models only; the stored parameters (and saved checkpoints) are unchanged.
+    pub fn quantize_q8_0(&mut self) -> Result<()> {
         if self.dtype() != DType::F32 {
             return Err(crate::Error::input(
                 "--quantize",
                 "q8_0 quantizes a float32 model (use --dtype f32)",
             ));
         }
-        self.lm_head_mut().quantize_q8_0()
+        // All or none: check every width before quantizing any layer.
+        for l in self.decode_linears() {
+            let in_dim = l.weight_t.dim(0)?;
+            if in_dim % crate::kernels::panel::Q8_BLOCK != 0 {
+                return Err(crate::Error::input(
+                    "--quantize",
+                    format!(
+                        "q8_0 needs every layer's input width to be a multiple of {} (this \
+                         model has a layer of width {in_dim})",
+                        crate::kernels::panel::Q8_BLOCK
+                    ),
+                ));
+            }
+        }
+        self.decode_linears_mut()
+            .into_iter()
+            .try_for_each(Linear::quantize_q8_0)
     }
 
     /// Packs the weights of every decoder layer and the LM head for CPU float32 inference
@@ -256,13 +273,17 @@ impl Model {
         self.decode_linears().iter().map(|l| l.packed_bytes()).sum()
     }
 
-    /// Bytes of the quantized copies held for inference (the `q8_0` LM head).
+    /// Bytes of the quantized copies held for inference ([`Model::quantize_q8_0`]).
     pub fn quantized_bytes(&self) -> usize {
-        self.lm_head().quantized_bytes()
+        self.decode_linears()
+            .iter()
+            .map(|l| l.quantized_bytes())
+            .sum()
     }
 
-    /// Bytes per LM-head weight as held for inference (`q8_0`: 34 bytes per block of 32).
-    pub fn lm_head_bytes_per_weight(&self) -> f64 {
+    /// Bytes per weight of the decoder layers and the LM head as held for inference (`q8_0`:
+    /// 34 bytes per block of 32).
+    pub fn linear_bytes_per_weight(&self) -> f64 {
         if self.lm_head().is_q8_0() {
             34.0 / 32.0
         } else {
@@ -274,13 +295,6 @@ impl Model {
         match &self.arch {
             Arch::Block(bt) => &bt.token_decoder.embed_out,
             Arch::Vanilla(v) => &v.embed_out,
-        }
-    }
-
-    fn lm_head_mut(&mut self) -> &mut Linear {
-        match &mut self.arch {
-            Arch::Block(bt) => &mut bt.token_decoder.embed_out,
-            Arch::Vanilla(v) => &mut v.embed_out,
         }
     }
 
