@@ -557,6 +557,27 @@ fn row_tiles(m0: usize, m1: usize) -> impl Iterator<Item = (usize, usize)> {
     })
 }
 
+/// `$kernel::<R>($args)` for a tile of `$rows` rows, R from 1 to [`TILE_ROWS`] (a register
+/// tile's height is a compile-time constant).
+macro_rules! by_rows {
+    ($rows:expr, $kernel:ident, ($($arg:expr),*)) => {
+        match $rows {
+            12 => $kernel::<12>($($arg),*),
+            11 => $kernel::<11>($($arg),*),
+            10 => $kernel::<10>($($arg),*),
+            9 => $kernel::<9>($($arg),*),
+            8 => $kernel::<8>($($arg),*),
+            7 => $kernel::<7>($($arg),*),
+            6 => $kernel::<6>($($arg),*),
+            5 => $kernel::<5>($($arg),*),
+            4 => $kernel::<4>($($arg),*),
+            3 => $kernel::<3>($($arg),*),
+            2 => $kernel::<2>($($arg),*),
+            _ => $kernel::<1>($($arg),*),
+        }
+    };
+}
+
 /// One register tile: `rows` rows of `x` against one panel, added into `y` (row stride `ldy`,
 /// `cols` valid columns).
 ///
@@ -577,20 +598,11 @@ unsafe fn tile(
 ) {
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx512f") {
-        return match rows {
-            12 => tile_avx512::<12>(x, k, panel, pf, stride, y, ldy, cols, epi),
-            11 => tile_avx512::<11>(x, k, panel, pf, stride, y, ldy, cols, epi),
-            10 => tile_avx512::<10>(x, k, panel, pf, stride, y, ldy, cols, epi),
-            9 => tile_avx512::<9>(x, k, panel, pf, stride, y, ldy, cols, epi),
-            8 => tile_avx512::<8>(x, k, panel, pf, stride, y, ldy, cols, epi),
-            7 => tile_avx512::<7>(x, k, panel, pf, stride, y, ldy, cols, epi),
-            6 => tile_avx512::<6>(x, k, panel, pf, stride, y, ldy, cols, epi),
-            5 => tile_avx512::<5>(x, k, panel, pf, stride, y, ldy, cols, epi),
-            4 => tile_avx512::<4>(x, k, panel, pf, stride, y, ldy, cols, epi),
-            3 => tile_avx512::<3>(x, k, panel, pf, stride, y, ldy, cols, epi),
-            2 => tile_avx512::<2>(x, k, panel, pf, stride, y, ldy, cols, epi),
-            _ => tile_avx512::<1>(x, k, panel, pf, stride, y, ldy, cols, epi),
-        };
+        return by_rows!(
+            rows,
+            tile_avx512,
+            (x, k, panel, pf, stride, y, ldy, cols, epi)
+        );
     }
     tile_generic(x, rows, k, panel, y, ldy, cols, epi)
 }
@@ -651,21 +663,7 @@ unsafe fn tile_q8(
     cols: usize,
     epi: Epilogue,
 ) {
-    match rows {
-        12 => tile_q8_avx512::<12>(x, k, q, scale, y, ldy, cols, epi),
-        11 => tile_q8_avx512::<11>(x, k, q, scale, y, ldy, cols, epi),
-        10 => tile_q8_avx512::<10>(x, k, q, scale, y, ldy, cols, epi),
-        9 => tile_q8_avx512::<9>(x, k, q, scale, y, ldy, cols, epi),
-        8 => tile_q8_avx512::<8>(x, k, q, scale, y, ldy, cols, epi),
-        7 => tile_q8_avx512::<7>(x, k, q, scale, y, ldy, cols, epi),
-        6 => tile_q8_avx512::<6>(x, k, q, scale, y, ldy, cols, epi),
-        5 => tile_q8_avx512::<5>(x, k, q, scale, y, ldy, cols, epi),
-        4 => tile_q8_avx512::<4>(x, k, q, scale, y, ldy, cols, epi),
-        3 => tile_q8_avx512::<3>(x, k, q, scale, y, ldy, cols, epi),
-        2 => tile_q8_avx512::<2>(x, k, q, scale, y, ldy, cols, epi),
-        1 => tile_q8_avx512::<1>(x, k, q, scale, y, ldy, cols, epi),
-        _ => {}
-    }
+    by_rows!(rows, tile_q8_avx512, (x, k, q, scale, y, ldy, cols, epi))
 }
 
 #[cfg(target_arch = "x86_64")]
