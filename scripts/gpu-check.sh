@@ -39,6 +39,10 @@ echo "== smoke"
 timeout "$(left 90)" "$B" generate --preset block_main_b4_5 --random-prompt-len 16 --max-new-tokens 8 \
   --device cuda --ignore-eos 2>&1 | tail -3 | tee -a "$OUT/gpu.txt"
 
+echo "== q8_0 on CUDA (candle's quantized matmul on every decoder layer and the LM head)"
+timeout "$(left 90)" "$B" generate --preset block_main_b4_5 --random-prompt-len 16 --max-new-tokens 8 \
+  --device cuda --dtype f32 --quantize q8_0 --ignore-eos 2>&1 | tail -3 | tee -a "$OUT/gpu.txt"
+
 echo "== tests/device.rs on CUDA"
 BLOCKFORMER_TEST_DEVICE=cuda timeout "$(left 130)" .gpu/test-device --nocapture --test-threads 1 2>&1 \
   | tee "$OUT/tests.log" | grep -vE "^\s+[0-9]+: |^\s+at " | tail -40
