@@ -15,6 +15,19 @@ fn time(it: usize, mut f: impl FnMut()) -> f64 {
     t.elapsed().as_secs_f64() / it as f64
 }
 
+/// Distinct `[k, n]` weight matrices (values in -0.06..0.06) adding up to at least `bytes`,
+/// at least two: cycling through them keeps every product's weights out of the caches.
+fn cold_copies(k: usize, n: usize, bytes: usize) -> Vec<Vec<f32>> {
+    let copies = bytes.div_ceil(k * n * 4).max(2);
+    (0..copies)
+        .map(|c| {
+            (0..k * n)
+                .map(|i| ((i * 7 + c) % 13) as f32 * 0.01 - 0.06)
+                .collect()
+        })
+        .collect()
+}
+
 /// Decode-shaped matmuls with cold weights (distinct copies cycling through ~300 MB, as a
 /// decode step streams the whole model): `gemm` on the row-major weights against the packed
 /// panels.
@@ -50,18 +63,8 @@ fn cold_matmuls() {
         (8192, 256, 4096),
         (8192, 4096, 256),
     ] {
-        let copies = if m > 64 {
-            2
-        } else {
-            (300usize << 20).div_ceil(k * n * 4).max(2)
-        };
-        let ws: Vec<Vec<f32>> = (0..copies)
-            .map(|c| {
-                (0..k * n)
-                    .map(|i| ((i * 7 + c) % 13) as f32 * 0.01)
-                    .collect()
-            })
-            .collect();
+        let ws = cold_copies(k, n, if m > 64 { 2 } else { 300 << 20 });
+        let copies = ws.len();
         let ps: Vec<Panels> = ws.iter().map(|w| Panels::pack(w, k, n)).collect();
         let x: Vec<f32> = (0..m * k).map(|i| (i % 5) as f32 * 0.1).collect();
         let mut y = vec![0f32; m * n];
@@ -114,14 +117,8 @@ fn cold_q8() {
         (16, 512, 50304),
         (64, 256, 50304),
     ] {
-        let copies = (300usize << 20).div_ceil(k * n * 4).max(2);
-        let ws: Vec<Vec<f32>> = (0..copies)
-            .map(|c| {
-                (0..k * n)
-                    .map(|i| ((i * 7 + c) % 13) as f32 * 0.01 - 0.06)
-                    .collect()
-            })
-            .collect();
+        let ws = cold_copies(k, n, 300 << 20);
+        let copies = ws.len();
         let fp: Vec<Panels> = ws.iter().map(|w| Panels::pack(w, k, n)).collect();
         let qp: Vec<Panels> = ws.iter().map(|w| Panels::pack_q8_0(w, k, n)).collect();
         let qm: Vec<QMatMul> = ws

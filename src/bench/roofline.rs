@@ -315,8 +315,7 @@ impl Roofline {
     }
 
     /// [`Roofline::bound_with`] with the decoder layers' and LM head's weights at `e_w` bytes
-    /// each and the
-    /// long-lived caches at `e_kv` (see [`cost_typed`]).
+    /// each and the long-lived caches at `e_kv` (see [`cost_typed`]).
     pub fn bound_typed(
         cfg: &ModelConfig,
         w: &Workload,

@@ -31,6 +31,8 @@ const PREFETCH: usize = 1024;
 const X_BLOCK_BYTES: usize = 256 << 10;
 /// Inputs per `q8_0` block (one scale per block and column).
 pub const Q8_BLOCK: usize = 32;
+/// Bytes per `q8_0` weight: a block holds its int8 values and a float16 scale (8.5 bits).
+pub const Q8_BYTES_PER_WEIGHT: f64 = (Q8_BLOCK + 2) as f64 / Q8_BLOCK as f64;
 
 /// A `[K, N]` weight matrix as `ceil(N / PANEL)` panels of `[K, PANEL]` weights (the last one
 /// zero-padded).
@@ -636,13 +638,28 @@ unsafe fn tile_avx512<const R: usize>(
         if stride > 16 {
             _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(16) as *const i8);
         }
-        for (r, a) in acc.iter_mut().enumerate() {
-            let xb = _mm512_set1_ps(*xp.add(r * k + kk));
-            a[0] = _mm512_fmadd_ps(xb, w0, a[0]);
-            a[1] = _mm512_fmadd_ps(xb, w1, a[1]);
-        }
+        fma_rows(&mut acc, xp.add(kk), k, w0, w1);
     }
     store_tile(&acc, y, ldy, cols, epi)
+}
+
+/// The rank-1 update of a tile by one weight row `(w0, w1)`: row `r` adds `x[r * k] * w`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn fma_rows<const R: usize>(
+    acc: &mut [[std::arch::x86_64::__m512; 2]; R],
+    x: *const f32,
+    k: usize,
+    w0: std::arch::x86_64::__m512,
+    w1: std::arch::x86_64::__m512,
+) {
+    use std::arch::x86_64::*;
+    for (r, a) in acc.iter_mut().enumerate() {
+        let xb = _mm512_set1_ps(*x.add(r * k));
+        a[0] = _mm512_fmadd_ps(xb, w0, a[0]);
+        a[1] = _mm512_fmadd_ps(xb, w1, a[1]);
+    }
 }
 
 /// One register tile against a `q8_0` panel: [`tile`], each weight widened to float32 and
@@ -699,11 +716,7 @@ unsafe fn tile_q8_avx512<const R: usize>(
             let q1 = _mm512_cvtepi8_epi32(_mm_loadu_si128(row.add(16) as *const __m128i));
             let w0 = _mm512_mul_ps(_mm512_cvtepi32_ps(q0), s0);
             let w1 = _mm512_mul_ps(_mm512_cvtepi32_ps(q1), s1);
-            for (r, a) in acc.iter_mut().enumerate() {
-                let xb = _mm512_set1_ps(*xp.add(r * k + kk));
-                a[0] = _mm512_fmadd_ps(xb, w0, a[0]);
-                a[1] = _mm512_fmadd_ps(xb, w1, a[1]);
-            }
+            fma_rows(&mut acc, xp.add(kk), k, w0, w1);
         }
     }
     store_tile(&acc, y, ldy, cols, epi)

@@ -123,6 +123,23 @@ impl Linear {
         self.quantized.is_some() || self.packed.as_ref().is_some_and(|p| p.is_q8_0())
     }
 
+    /// Whether [`Linear::quantize_q8_0`] can quantize this layer: its input width must be a
+    /// multiple of the block of 32.
+    pub fn check_q8_0(&self) -> Result<()> {
+        let in_dim = self.weight_t.dim(0)?;
+        if in_dim % panel::Q8_BLOCK != 0 {
+            return Err(crate::Error::input(
+                "--quantize",
+                format!(
+                    "q8_0 needs every layer's input width to be a multiple of {} (this model \
+                     has a layer of width {in_dim})",
+                    panel::Q8_BLOCK
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// Keeps a `q8_0` copy of the weight (blocks of 32 int8 values with one float16 scale, 8.5
     /// bits per weight) and computes inference products with it; training (variables) is
     /// unaffected. On the CPU in float32 the copy is packed in panels for the decode kernels,
@@ -130,13 +147,7 @@ impl Linear {
     /// `q8_0` matmul.
     pub fn quantize_q8_0(&mut self) -> Result<()> {
         use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
-        let in_dim = self.weight_t.dim(0)?;
-        if in_dim % 32 != 0 {
-            return Err(crate::Error::input(
-                "--quantize",
-                format!("q8_0 needs the layer's input width ({in_dim}) to be a multiple of 32"),
-            ));
-        }
+        self.check_q8_0()?;
         if self.weight_t.device().is_cpu() && self.weight_t.dtype() == DType::F32 {
             let (k, n) = self.weight_t.dims2()?;
             let w = HostView::new(&self.weight_t)?;

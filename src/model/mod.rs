@@ -239,19 +239,9 @@ impl Model {
                 "q8_0 quantizes a float32 model (use --dtype f32)",
             ));
         }
-        // All or none: check every width before quantizing any layer.
+        // All or none: check every layer before quantizing any.
         for l in self.decode_linears() {
-            let in_dim = l.weight_t.dim(0)?;
-            if in_dim % crate::kernels::panel::Q8_BLOCK != 0 {
-                return Err(crate::Error::input(
-                    "--quantize",
-                    format!(
-                        "q8_0 needs every layer's input width to be a multiple of {} (this \
-                         model has a layer of width {in_dim})",
-                        crate::kernels::panel::Q8_BLOCK
-                    ),
-                ));
-            }
+            l.check_q8_0()?;
         }
         self.decode_linears_mut()
             .into_iter()
@@ -285,7 +275,7 @@ impl Model {
     /// 34 bytes per block of 32).
     pub fn linear_bytes_per_weight(&self) -> f64 {
         if self.lm_head().is_q8_0() {
-            34.0 / 32.0
+            crate::kernels::panel::Q8_BYTES_PER_WEIGHT
         } else {
             self.dtype().size_in_bytes() as f64
         }
