@@ -929,9 +929,9 @@ mod tests {
     }
 
     /// `q8_0` panels: each weight within half a step (`d / 2`, `d = max |w| / 127` of its block
-    /// of 32 inputs) of the original, plus the float16 rounding of `d` (2^-11 of `127 d`); products against the plain matmul on the dequantized
-    /// matrix (`unpack`, the dequantization the float32 fallback tiles read), one register
-    /// tile and several.
+    /// of 32 inputs) of the original, plus the float16 rounding of `d` (2^-11 of `127 d`);
+    /// products against the plain matmul on the dequantized matrix (`unpack`, the
+    /// dequantization the float32 fallback tiles read), one register tile and several.
     #[test]
     fn q8_0_panels_match_the_dequantized_reference() {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
