@@ -391,6 +391,65 @@ fn runner_measures_tiny_models() {
     assert_eq!(svg.matches("<svg").count(), 1);
 }
 
+/// `--retry-unsteady`: a measurement during which the machine's bandwidth moved away from the
+/// probe's is repeated against the bandwidth measured again, and the report says what it
+/// discarded; without retries the first measurement stands, flagged.
+#[test]
+fn unsteady_measurements_are_repeated_against_the_bandwidth_measured_again() {
+    // A probe no machine reaches: the first measurement always reads as moved.
+    let m = machine(1e10, 1e15);
+    let (_, model) = &tiny_models()[1];
+    let w = Workload {
+        batch: 1,
+        prompt_len: 8,
+        new_tokens: 8,
+    };
+    let spec = BenchSpec {
+        runs: 1,
+        warmup: 0,
+        unsteady_retries: 1,
+        ..Default::default()
+    };
+    let mut lines = Vec::new();
+    let r = bench::bench_model(model, "t", w, &spec, Some(&m), (0, 0), |l| {
+        lines.push(l.to_string())
+    })
+    .unwrap();
+    assert_eq!(r.discarded.len(), 1);
+    let first = r.discarded[0].bandwidth_check.unwrap();
+    assert!(first.probe == 1e15 && first.moved());
+    assert!(r.discarded[0].tokens_per_s > 0.0);
+    // The kept measurement's bound uses the bandwidth measured again.
+    let c = r.bandwidth_check.unwrap();
+    assert!(c.probe > 0.0 && c.probe < 1e15, "{}", c.probe);
+    let again = Machine {
+        bandwidth: c.probe,
+        ..m.clone()
+    };
+    let want = bench::roofline_bound(model, &w, &again, KvDtype::F32);
+    assert_eq!(r.bound.unwrap().tokens_per_s, want.tokens_per_s);
+    assert!(
+        lines.iter().any(|l| l.contains("measuring again (1/1)")),
+        "{lines:?}"
+    );
+    let note = report::discarded_note(&r).unwrap();
+    assert!(
+        note.contains("t 8+8 batch 1: measured 2 times")
+            && note.contains("probe 1000000.0 GB/s")
+            && note.contains(&format!("against {:.1} GB/s measured again", c.probe / 1e9)),
+        "{note}"
+    );
+
+    let once = BenchSpec {
+        unsteady_retries: 0,
+        ..spec
+    };
+    let r = bench::bench_model(model, "t", w, &once, Some(&m), (0, 0), |_| {}).unwrap();
+    assert!(r.discarded.is_empty() && report::discarded_note(&r).is_none());
+    assert!(r.bandwidth_check.unwrap().moved());
+    assert!(report::bandwidth_warning(&r).is_some());
+}
+
 #[test]
 fn probe_measures_positive_speeds() {
     let m = Machine::probe_with(64, 4, 1).unwrap();
@@ -625,6 +684,22 @@ fn cli_rejects_bad_flags() {
             "SVG",
         ),
         (&["bench"], "no model"),
+        (
+            &[
+                "bench",
+                "--preset",
+                "vanilla_31",
+                "--retry-unsteady",
+                "2",
+                "--bandwidth-gbs",
+                "50",
+            ],
+            "cannot be used with",
+        ),
+        (
+            &["bench", "--preset", "vanilla_31", "--retry-unsteady", "two"],
+            "--retry-unsteady",
+        ),
         (
             &["bench", "--preset", "vanilla_31", "--min-time", "nan"],
             "--min-time NaN: expected seconds",

@@ -94,6 +94,10 @@ pub struct BenchSpec {
     /// machine's ([`BandwidthCheck`]): only meaningful when that is this machine's probe, not
     /// a bandwidth given for another machine.
     pub check_bandwidth: bool,
+    /// Measure again, at most this many times, when the bandwidth check says the machine's
+    /// bandwidth moved away from the probe's during a measurement; each repeat's bound uses
+    /// the bandwidth measured just before it.
+    pub unsteady_retries: usize,
 }
 
 impl Default for BenchSpec {
@@ -106,6 +110,7 @@ impl Default for BenchSpec {
             sync_split: false,
             kv_dtype: KvDtype::F32,
             check_bandwidth: true,
+            unsteady_retries: 0,
         }
     }
 }
@@ -180,6 +185,17 @@ pub struct BenchRow {
     pub kernel_efficiency: Option<f64>,
     /// Memory bandwidth read just before the warm-up and just after the timed runs (CPU runs
     /// with a probe).
+    pub bandwidth_check: Option<BandwidthCheck>,
+    /// Earlier measurements of this row that were repeated because the machine's bandwidth
+    /// moved during them (`BenchSpec::unsteady_retries`), oldest first.
+    pub discarded: Vec<Discarded>,
+}
+
+/// A measurement repeated because the machine was not steady during it.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct Discarded {
+    pub tokens_per_s: f64,
+    pub efficiency: Option<f64>,
     pub bandwidth_check: Option<BandwidthCheck>,
 }
 
@@ -423,11 +439,64 @@ pub fn run_once(eng: &mut Engine, w: &Workload, seed: u64) -> Result<RunOutcome>
     })
 }
 
-/// Benchmarks `model` on workload `w` (its setting named by [`Setting::of`]): `spec.warmup` untimed runs, then `spec.runs` timed
-/// ones; the roofline bound when a probed machine is given. `rss_load` is the process's
-/// resident memory before and after the model was loaded (for the expected memory; zeros if
-/// unknown).
+/// Benchmarks `model` on workload `w` (its setting named by [`Setting::of`]): `spec.warmup`
+/// untimed runs, then `spec.runs` timed ones; the roofline bound when a probed machine is
+/// given. `rss_load` is the process's resident memory before and after the model was loaded
+/// (for the expected memory; zeros if unknown). A measurement during which the machine's
+/// bandwidth moved ([`BandwidthCheck::moved`]) is repeated up to `spec.unsteady_retries`
+/// times, against the bandwidth measured again; the row keeps the last one and lists the
+/// others in `discarded`.
 pub fn bench_model(
+    model: &Arc<Model>,
+    name: &str,
+    w: Workload,
+    spec: &BenchSpec,
+    machine: Option<&Machine>,
+    rss_load: (usize, usize),
+    mut progress: impl FnMut(&str),
+) -> Result<BenchRow> {
+    let mut machine = machine.cloned();
+    let mut discarded = Vec::new();
+    loop {
+        let mut row = measure(
+            model,
+            name,
+            w,
+            spec,
+            machine.as_ref(),
+            rss_load,
+            &mut progress,
+        )?;
+        let check = row.bandwidth_check.filter(|c| c.moved());
+        match (check, &machine) {
+            (Some(c), Some(m)) if discarded.len() < spec.unsteady_retries => {
+                discarded.push(Discarded {
+                    tokens_per_s: row.tokens_per_s,
+                    efficiency: row.efficiency,
+                    bandwidth_check: Some(c),
+                });
+                progress(&format!(
+                    "{name} {} batch {}: bandwidth {:.1} GB/s before and {:.1} after, the probe's {:.1}: measuring again ({}/{})",
+                    row.setting,
+                    w.batch,
+                    c.before / 1e9,
+                    c.after / 1e9,
+                    c.probe / 1e9,
+                    discarded.len(),
+                    spec.unsteady_retries
+                ));
+                machine = Some(m.with_bandwidth_now());
+            }
+            _ => {
+                row.discarded = discarded;
+                return Ok(row);
+            }
+        }
+    }
+}
+
+/// One measurement of [`bench_model`].
+fn measure(
     model: &Arc<Model>,
     name: &str,
     w: Workload,
@@ -553,6 +622,7 @@ pub fn bench_model(
         efficiency,
         kernel_efficiency,
         bandwidth_check,
+        discarded: Vec::new(),
         runs,
     })
 }

@@ -156,11 +156,50 @@ pub fn throughput_table(rows: &[BenchRow]) -> String {
         &mut out,
     );
     for r in rows {
-        if let Some(line) = bandwidth_warning(r) {
+        for line in discarded_note(r).into_iter().chain(bandwidth_warning(r)) {
             let _ = writeln!(out, "{line}");
         }
     }
     out
+}
+
+/// A note when a row was measured again because the machine's bandwidth moved during an
+/// earlier measurement (`--retry-unsteady`): what was discarded, and the bandwidth the kept
+/// measurement's bound uses.
+pub fn discarded_note(r: &BenchRow) -> Option<String> {
+    if r.discarded.is_empty() {
+        return None;
+    }
+    let earlier: Vec<String> = r
+        .discarded
+        .iter()
+        .map(|d| {
+            let moved = d
+                .bandwidth_check
+                .map(|c| {
+                    format!(
+                        " (probe {:.1} GB/s, {:.1} before, {:.1} after)",
+                        c.probe / 1e9,
+                        c.before / 1e9,
+                        c.after / 1e9
+                    )
+                })
+                .unwrap_or_default();
+            format!("{:.1} tokens/s{moved}", d.tokens_per_s)
+        })
+        .collect();
+    let now = r
+        .bandwidth_check
+        .map(|c| format!(", against {:.1} GB/s measured again", c.probe / 1e9))
+        .unwrap_or_default();
+    Some(format!(
+        "note: {} {} batch {}: measured {} times, the machine's bandwidth having moved during {}; kept the last{now}",
+        r.model,
+        r.setting,
+        r.batch,
+        r.discarded.len() + 1,
+        earlier.join(", ")
+    ))
 }
 
 /// A warning when the machine's memory bandwidth around a measurement departed from its
@@ -168,7 +207,7 @@ pub fn throughput_table(rows: &[BenchRow]) -> String {
 pub fn bandwidth_warning(r: &BenchRow) -> Option<String> {
     let c = r.bandwidth_check.filter(|c| c.moved())?;
     Some(format!(
-        "warning: {} {} batch {}: memory bandwidth {:.1} GB/s before and {:.1} after the runs, the probe's {:.1}: the machine is not steady, its efficiency is not comparable (rerun with --reprobe on a quiet machine)",
+        "warning: {} {} batch {}: memory bandwidth {:.1} GB/s before and {:.1} after the runs, the probe's {:.1}: the machine is not steady, its efficiency is not comparable (rerun with --reprobe on a quiet machine, or add --retry-unsteady N)",
         r.model,
         r.setting,
         r.batch,

@@ -614,10 +614,7 @@ impl Machine {
             threads: rayon::current_num_threads(),
             matmul_n: n,
             buffer_mib,
-            probed_at: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0),
+            probed_at: unix_now(),
         })
     }
 
@@ -632,6 +629,19 @@ impl Machine {
     pub fn bandwidth_now(&self) -> f64 {
         let (read, copy) = measure_bandwidth(self.buffer_mib, 3);
         read.max(copy)
+    }
+
+    /// This machine with its bandwidth measured again as the probe measures it (the matmul
+    /// speed kept): the bound of a measurement repeated because the bandwidth moved.
+    pub fn with_bandwidth_now(&self) -> Machine {
+        let (read, copy) = measure_bandwidth(self.buffer_mib, 5);
+        Machine {
+            bandwidth: read.max(copy),
+            read_bandwidth: read,
+            copy_bandwidth: copy,
+            probed_at: unix_now(),
+            ..self.clone()
+        }
     }
 
     /// The cached probe for this CPU and thread count, or a fresh one (then cached). A cache
@@ -662,6 +672,14 @@ impl Machine {
         });
         Ok((m, ProbeSource::Measured(saved)))
     }
+}
+
+/// Seconds since the Unix epoch (0 if the clock is before it).
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// Best of `reps` reads (bytes / s) and copies ((read + written bytes) / s) of a buffer of

@@ -78,6 +78,16 @@ pub struct Args {
     /// Measure the machine again instead of using the cached probe.
     #[arg(long)]
     pub reprobe: bool,
+    /// When the machine's memory bandwidth moved more than 15% from the probe's during a
+    /// measurement (read before and after it), measure again, at most this many times, each
+    /// time against the bandwidth measured anew; the report lists what it discarded.
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 0,
+        conflicts_with_all = ["no_roofline", "bandwidth_gbs"]
+    )]
+    pub retry_unsteady: usize,
     /// Skip the roofline (no probe, no bound).
     #[arg(long, conflicts_with = "reprobe")]
     pub no_roofline: bool,
@@ -366,6 +376,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         kv_dtype: a.kv_cache.into(),
         // A bandwidth given by flag is another machine's (or a what-if): nothing to check.
         check_bandwidth: a.bandwidth_gbs.is_none(),
+        unsteady_retries: a.retry_unsteady,
     };
     let mut rows_by_model = Vec::new();
     let mut notes = Vec::new();
@@ -433,9 +444,12 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                     |m| say(m),
                 )?;
                 if a.json {
-                    // The readable table carries this warning; JSON readers get it here too.
-                    if let Some(w) = report::bandwidth_warning(&row) {
-                        say(&w);
+                    // The readable table carries these lines; JSON readers get them here too.
+                    for line in report::discarded_note(&row)
+                        .into_iter()
+                        .chain(report::bandwidth_warning(&row))
+                    {
+                        say(&line);
                     }
                 }
                 rows.push(row);
