@@ -196,7 +196,8 @@ pub struct BenchRow {
 pub struct Discarded {
     pub tokens_per_s: f64,
     pub efficiency: Option<f64>,
-    pub bandwidth_check: Option<BandwidthCheck>,
+    /// The check that found the machine's bandwidth moved.
+    pub bandwidth_check: BandwidthCheck,
 }
 
 /// The probe's bandwidth against the machine's around one measurement (bytes / s).
@@ -467,31 +468,30 @@ pub fn bench_model(
             rss_load,
             &mut progress,
         )?;
-        let check = row.bandwidth_check.filter(|c| c.moved());
-        match (check, &machine) {
-            (Some(c), Some(m)) if discarded.len() < spec.unsteady_retries => {
-                discarded.push(Discarded {
-                    tokens_per_s: row.tokens_per_s,
-                    efficiency: row.efficiency,
-                    bandwidth_check: Some(c),
-                });
-                progress(&format!(
-                    "{name} {} batch {}: bandwidth {:.1} GB/s before and {:.1} after, the probe's {:.1}: measuring again ({}/{})",
-                    row.setting,
-                    w.batch,
-                    c.before / 1e9,
-                    c.after / 1e9,
-                    c.probe / 1e9,
-                    discarded.len(),
-                    spec.unsteady_retries
-                ));
-                machine = Some(m.with_bandwidth_now());
-            }
-            _ => {
-                row.discarded = discarded;
-                return Ok(row);
-            }
-        }
+        // A check exists only on a probed machine.
+        let retry = row
+            .bandwidth_check
+            .filter(|c| c.moved() && discarded.len() < spec.unsteady_retries);
+        let Some(c) = retry else {
+            row.discarded = discarded;
+            return Ok(row);
+        };
+        discarded.push(Discarded {
+            tokens_per_s: row.tokens_per_s,
+            efficiency: row.efficiency,
+            bandwidth_check: c,
+        });
+        progress(&format!(
+            "{name} {} batch {}: bandwidth {:.1} GB/s before and {:.1} after, the probe's {:.1}: measuring again ({}/{})",
+            row.setting,
+            w.batch,
+            c.before / 1e9,
+            c.after / 1e9,
+            c.probe / 1e9,
+            discarded.len(),
+            spec.unsteady_retries
+        ));
+        machine = machine.map(|m| m.with_bandwidth_now());
     }
 }
 

@@ -155,12 +155,16 @@ pub fn throughput_table(rows: &[BenchRow]) -> String {
         &cells,
         &mut out,
     );
-    for r in rows {
-        for line in discarded_note(r).into_iter().chain(bandwidth_warning(r)) {
-            let _ = writeln!(out, "{line}");
-        }
+    for line in rows.iter().flat_map(row_notes) {
+        let _ = writeln!(out, "{line}");
     }
     out
+}
+
+/// The lines that follow the table for one row: what it discarded, and whether its machine
+/// was steady.
+pub fn row_notes(r: &BenchRow) -> impl Iterator<Item = String> {
+    discarded_note(r).into_iter().chain(bandwidth_warning(r))
 }
 
 /// A note when a row was measured again because the machine's bandwidth moved during an
@@ -174,18 +178,14 @@ pub fn discarded_note(r: &BenchRow) -> Option<String> {
         .discarded
         .iter()
         .map(|d| {
-            let moved = d
-                .bandwidth_check
-                .map(|c| {
-                    format!(
-                        " (probe {:.1} GB/s, {:.1} before, {:.1} after)",
-                        c.probe / 1e9,
-                        c.before / 1e9,
-                        c.after / 1e9
-                    )
-                })
-                .unwrap_or_default();
-            format!("{:.1} tokens/s{moved}", d.tokens_per_s)
+            let c = d.bandwidth_check;
+            format!(
+                "{:.1} tokens/s (probe {:.1} GB/s, {:.1} before, {:.1} after)",
+                d.tokens_per_s,
+                c.probe / 1e9,
+                c.before / 1e9,
+                c.after / 1e9
+            )
         })
         .collect();
     let now = r

@@ -445,10 +445,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 )?;
                 if a.json {
                     // The readable table carries these lines; JSON readers get them here too.
-                    for line in report::discarded_note(&row)
-                        .into_iter()
-                        .chain(report::bandwidth_warning(&row))
-                    {
+                    for line in report::row_notes(&row) {
                         say(&line);
                     }
                 }
