@@ -1,7 +1,10 @@
 //! `blockformer bench`: the cost model against hand-computed numbers, the runner on tiny
 //! models, batch auto-tuning, and the command line (tiny models, tiny lengths).
 
-use blockformer::bench::roofline::{cost, Kind, Machine, MemoryModel, Part, Roofline, Workload};
+use blockformer::bench::roofline::{
+    cost, engine_steps, step_bandwidth, BandwidthSample, Kind, Machine, MemoryModel, Part,
+    Roofline, Workload,
+};
 use blockformer::bench::{self, chart, report, BandwidthCheck, BenchReport, BenchSpec, Setting};
 use blockformer::config::{BlockConfig, EmbedderConfig, ModelConfig, NeoXConfig, Projection};
 use blockformer::kernels::attention::KvDtype;
@@ -451,6 +454,126 @@ fn unsteady_measurements_are_repeated_against_the_bandwidth_measured_again() {
 }
 
 #[test]
+fn each_step_is_bound_by_the_bandwidth_read_around_it() {
+    let at = |step, gbs: f64| BandwidthSample {
+        step,
+        bandwidth: gbs * 1e9,
+    };
+    let samples = [at(0, 40.0), at(3, 60.0), at(5, 80.0)];
+    // Steps 0-2 lie between the readings after 0 and 3 steps, steps 3-4 between 3 and 5.
+    for (step, want) in [
+        (0, 50.0),
+        (2, 50.0),
+        (3, 70.0),
+        (4, 70.0),
+        (5, 80.0),
+        (9, 80.0),
+    ] {
+        assert_eq!(
+            step_bandwidth(&samples, step),
+            Some(want * 1e9),
+            "step {step}"
+        );
+    }
+    assert_eq!(step_bandwidth(&samples[1..], 0), Some(60e9));
+    assert_eq!(step_bandwidth(&[], 0), None);
+
+    // A memory-bound run: steady readings give the plain bound at that bandwidth; a faster
+    // second half shortens exactly the steps it covers.
+    let cfg = ModelConfig::Vanilla(tiny_neox());
+    let w = Workload {
+        batch: 2,
+        prompt_len: 3,
+        new_tokens: 4,
+    };
+    let m = machine(1e15, 1e9);
+    let elems = (4.0, 4.0, 4.0);
+    let steady = [at(0, 2.0), at(2, 2.0), at(4, 2.0)];
+    let plain = Roofline::bound_typed(&cfg, &w, &machine(1e15, 2e9), 4.0, 4.0, 4.0);
+    let sampled = Roofline::bound_sampled(&cfg, &w, &m, elems, &steady);
+    assert!((sampled.seconds - plain.seconds).abs() <= 1e-12 * plain.seconds);
+    assert_eq!(Roofline::bound_sampled(&cfg, &w, &m, elems, &[]).seconds, {
+        Roofline::bound_typed(&cfg, &w, &m, 4.0, 4.0, 4.0).seconds
+    });
+    let faster = [at(0, 2.0), at(2, 2.0), at(4, 6.0)];
+    let got = Roofline::bound_sampled(&cfg, &w, &m, elems, &faster).seconds;
+    let bytes_of = |steps: std::ops::Range<usize>| -> f64 {
+        cost(&cfg, &w)
+            .iter()
+            .filter(|k| steps.contains(&k.step))
+            .map(|k| k.bytes)
+            .sum()
+    };
+    let want = bytes_of(0..2) / 2e9 + bytes_of(2..4) / 4e9;
+    assert!((got - want).abs() <= 1e-12 * want, "{got} vs {want}");
+}
+
+#[test]
+fn bandwidth_read_during_runs_bounds_their_steps() {
+    let (_, model) = &tiny_models()[1];
+    let w = Workload {
+        batch: 2,
+        prompt_len: 8,
+        new_tokens: 6,
+    };
+    let spec = BenchSpec {
+        runs: 2,
+        warmup: 0,
+        // A reading after every step.
+        sample_every: 1e-9,
+        ..Default::default()
+    };
+    let m = Machine {
+        buffer_mib: 1,
+        ..machine(1e15, 1e15)
+    };
+    // Readings sit between the engine steps the cost model counts, block models too.
+    for (name, model) in tiny_models() {
+        let r = bench::bench_model(&model, name, w, &spec, Some(&m), (0, 0), |_| {}).unwrap();
+        let steps = engine_steps(&model.config, w.new_tokens);
+        for run in &r.runs {
+            let at: Vec<usize> = run.bandwidth.iter().map(|s| s.step).collect();
+            assert_eq!(at, (0..=steps).collect::<Vec<_>>(), "{name}");
+            assert!(run
+                .bandwidth
+                .iter()
+                .all(|s| s.bandwidth > 0.0 && s.bandwidth < 1e15));
+        }
+    }
+    let r = bench::bench_model(model, "t", w, &spec, Some(&m), (0, 0), |_| {}).unwrap();
+    let steps = engine_steps(&model.config, w.new_tokens);
+    // The median run's readings bound it, not the probe's 1e15 B/s; the check around the
+    // measurement is left out.
+    let med = r
+        .runs
+        .iter()
+        .find(|x| x.seconds == r.seconds)
+        .expect("the median run");
+    let want = bench::roofline_bound_sampled(model, &w, &m, KvDtype::F32, &med.bandwidth);
+    assert_eq!(r.bound.unwrap().tokens_per_s, want.tokens_per_s);
+    assert!(
+        r.bound.unwrap().tokens_per_s
+            < bench::roofline_bound(model, &w, &m, KvDtype::F32).tokens_per_s
+    );
+    assert!(r.bandwidth_check.is_none() && r.discarded.is_empty());
+    let s = r.sampled_bandwidth.unwrap();
+    assert_eq!(s.readings, steps + 1);
+    assert!(s.min <= s.mean && s.mean <= s.max);
+    // The sampler's buffers (two of 1 MiB) are counted in the expected memory.
+    assert_eq!(r.memory.sampler, 2 << 20);
+    assert!(r.memory.expected >= r.memory.weights + r.memory.kv_cache + r.memory.sampler);
+    let note = report::sampled_note(&r).unwrap();
+    assert!(
+        note.contains(&format!(
+            "t 8+6 batch 2: bound at the bandwidth read every {} s",
+            1e-9
+        )) && note.contains(&format!("({} readings)", steps + 1)),
+        "{note}"
+    );
+    assert!(report::row_notes(&r).any(|l| l == note));
+}
+
+#[test]
 fn probe_measures_positive_speeds() {
     let m = Machine::probe_with(64, 4, 1).unwrap();
     assert!(m.flops > 0.0 && m.bandwidth > 0.0 && m.threads >= 1);
@@ -699,6 +822,33 @@ fn cli_rejects_bad_flags() {
         (
             &["bench", "--preset", "vanilla_31", "--retry-unsteady", "two"],
             "--retry-unsteady",
+        ),
+        (
+            &["bench", "--preset", "vanilla_31", "--sample-bandwidth", "0"],
+            "--sample-bandwidth 0: expected a positive number of seconds",
+        ),
+        (
+            &[
+                "bench",
+                "--preset",
+                "vanilla_31",
+                "--sample-bandwidth",
+                "2",
+                "--retry-unsteady",
+                "1",
+            ],
+            "cannot be used with",
+        ),
+        (
+            &[
+                "bench",
+                "--preset",
+                "vanilla_31",
+                "--sample-bandwidth",
+                "2",
+                "--no-roofline",
+            ],
+            "cannot be used with",
         ),
         (
             &["bench", "--preset", "vanilla_31", "--min-time", "nan"],

@@ -19,7 +19,7 @@ use crate::generate::{Engine, EngineOptions, EngineStats, GenRequest, PositionMo
 use crate::kernels::attention::KvDtype;
 use crate::model::Model;
 use rand::{Rng, SeedableRng};
-use roofline::{Machine, MemoryModel, Roofline, Workload};
+use roofline::{BandwidthMeter, BandwidthSample, Machine, MemoryModel, Roofline, Workload};
 use serde::Serialize;
 use std::sync::Arc;
 use std::time::Instant;
@@ -98,6 +98,11 @@ pub struct BenchSpec {
     /// bandwidth moved away from the probe's during a measurement; each repeat's bound uses
     /// the bandwidth measured just before it.
     pub unsteady_retries: usize,
+    /// Read the bandwidth between the engine steps of each timed run, every this many seconds
+    /// (0: never), with the clock stopped; the bound then takes each step's bandwidth from
+    /// these readings instead of the probe's ([`Roofline::bound_sampled`]). CPU runs with a
+    /// probe of this machine only; the check around the measurement is then left out.
+    pub sample_every: f64,
 }
 
 impl Default for BenchSpec {
@@ -111,16 +116,21 @@ impl Default for BenchSpec {
             kv_dtype: KvDtype::F32,
             check_bandwidth: true,
             unsteady_retries: 0,
+            sample_every: 0.0,
         }
     }
 }
 
 /// One timed run.
-#[derive(Clone, Copy, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize)]
 pub struct RunMeasure {
+    /// Wall time of the run, the bandwidth readings taken during it left out.
     pub seconds: f64,
     pub tokens_per_s: f64,
     pub stats: EngineStats,
+    /// Bandwidth read before, during and after the run (`BenchSpec::sample_every`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub bandwidth: Vec<BandwidthSample>,
 }
 
 /// Memory of a measurement (bytes).
@@ -142,7 +152,10 @@ pub struct MemoryReport {
     pub kv_cache: usize,
     /// Largest step's activations (the memory model's estimate), all rows.
     pub activations: usize,
-    /// `base_rss + weights + kv_cache + activations`.
+    /// Buffers of the bandwidth readings taken during the runs (`BenchSpec::sample_every`),
+    /// held through them.
+    pub sampler: usize,
+    /// `base_rss + weights + kv_cache + activations + sampler`.
     pub expected: usize,
     /// GPU runs: the most device memory in use at the end of a step (driver's total - free,
     /// the CUDA context included).
@@ -189,6 +202,32 @@ pub struct BenchRow {
     /// Earlier measurements of this row that were repeated because the machine's bandwidth
     /// moved during them (`BenchSpec::unsteady_retries`), oldest first.
     pub discarded: Vec<Discarded>,
+    /// The bandwidth readings the bound of the median run used (`BenchSpec::sample_every`).
+    pub sampled_bandwidth: Option<SampledBandwidth>,
+}
+
+/// The range of the bandwidth readings taken during a run (bytes / s).
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct SampledBandwidth {
+    pub every_s: f64,
+    pub readings: usize,
+    pub min: f64,
+    pub mean: f64,
+    pub max: f64,
+}
+
+impl SampledBandwidth {
+    fn of(samples: &[BandwidthSample], every_s: f64) -> Option<SampledBandwidth> {
+        let n = samples.len();
+        let bw = samples.iter().map(|s| s.bandwidth);
+        (n > 0).then(|| SampledBandwidth {
+            every_s,
+            readings: n,
+            min: bw.clone().fold(f64::INFINITY, f64::min),
+            mean: bw.clone().sum::<f64>() / n as f64,
+            max: bw.fold(0.0, f64::max),
+        })
+    }
 }
 
 /// A measurement repeated because the machine was not steady during it.
@@ -308,14 +347,24 @@ pub fn kv_elem_bytes(model: &Model, kv: KvDtype) -> usize {
 /// its dtype, the decoder layers and LM head as stored (e.g. `q8_0`), the long-lived caches as
 /// `kv` says.
 pub fn roofline_bound(model: &Model, w: &Workload, m: &Machine, kv: KvDtype) -> Roofline {
-    Roofline::bound_typed(
-        &model.config,
-        w,
-        m,
+    roofline_bound_sampled(model, w, m, kv, &[])
+}
+
+/// [`roofline_bound`] with each engine step's bandwidth taken from readings during the run
+/// (the machine's where there are none).
+pub fn roofline_bound_sampled(
+    model: &Model,
+    w: &Workload,
+    m: &Machine,
+    kv: KvDtype,
+    samples: &[BandwidthSample],
+) -> Roofline {
+    let elems = (
         model.dtype().size_in_bytes() as f64,
         model.linear_bytes_per_weight(),
         kv_elem_bytes(model, kv) as f64,
-    )
+    );
+    Roofline::bound_sampled(&model.config, w, m, elems, samples)
 }
 
 /// The memory model of a run of `model` at these lengths with caches `kv`, with the weights it
@@ -373,9 +422,13 @@ pub fn random_prompts(batch: usize, len: usize, vocab: usize, seed: u64) -> Vec<
 }
 
 /// What one run measured.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct RunOutcome {
+    /// Wall time, the bandwidth readings left out.
     pub seconds: f64,
+    /// Bandwidth readings: before the first step, every `Sampler::every` seconds between
+    /// steps, after the last (none without a sampler).
+    pub bandwidth: Vec<BandwidthSample>,
     pub stats: EngineStats,
     /// Largest KV-cache bytes the engine held.
     pub kv_bytes: usize,
@@ -398,31 +451,74 @@ pub fn bench_engine(model: &Arc<Model>, w: &Workload, kv: KvDtype) -> Engine {
     )
 }
 
+/// Reads the machine's bandwidth between the steps of a run, as the probe does, every `every`
+/// seconds of the run.
+pub struct Sampler {
+    pub meter: BandwidthMeter,
+    pub every: f64,
+}
+
+impl Sampler {
+    /// Best of 3, like the check around a measurement.
+    fn read(&mut self, step: usize) -> BandwidthSample {
+        BandwidthSample {
+            step,
+            bandwidth: self.meter.bandwidth(3),
+        }
+    }
+}
+
 /// One run on `eng`: `batch` prompts, greedy to the end. On a GPU the clock stops after the
-/// device has finished its work.
-pub fn run_once(eng: &mut Engine, w: &Workload, seed: u64) -> Result<RunOutcome> {
+/// device has finished its work. With a sampler, the bandwidth is read before the run, after
+/// it, and between steps once `every` seconds have passed since the last reading; the clock
+/// stops while it reads.
+pub fn run_once(
+    eng: &mut Engine,
+    w: &Workload,
+    seed: u64,
+    mut sampler: Option<&mut Sampler>,
+) -> Result<RunOutcome> {
     let model = eng.model().clone();
     let prompts = random_prompts(w.batch, w.prompt_len, model.config.vocab_size(), seed);
     let dev = model.device();
     eng.reset_stats();
     dev.synchronize()?;
+    let mut bandwidth = Vec::new();
+    if let Some(s) = sampler.as_deref_mut() {
+        bandwidth.push(s.read(0));
+    }
     let start = Instant::now();
+    let mut paused = 0.0;
+    let mut last_reading = start;
     for p in prompts {
         eng.add(GenRequest::greedy(p, w.new_tokens))?;
     }
     let mut kv = 0;
     let mut produced = 0;
+    let mut steps = 0;
     let mut device_used: Option<usize> = None;
     while !eng.is_idle() {
         let events = eng.step()?;
+        steps += 1;
         kv = kv.max(eng.kv_cache_bytes());
         produced += events.iter().map(|e| e.tokens.len()).sum::<usize>();
         if let Some((free, total)) = device_memory(&dev) {
             device_used = Some(device_used.unwrap_or(0).max(total - free));
         }
+        if let Some(s) = sampler.as_deref_mut() {
+            if last_reading.elapsed().as_secs_f64() >= s.every && !eng.is_idle() {
+                let t = Instant::now();
+                bandwidth.push(s.read(steps));
+                paused += t.elapsed().as_secs_f64();
+                last_reading = Instant::now();
+            }
+        }
     }
     dev.synchronize()?;
-    let secs = start.elapsed().as_secs_f64();
+    let secs = start.elapsed().as_secs_f64() - paused;
+    if let Some(s) = sampler {
+        bandwidth.push(s.read(steps));
+    }
     if produced != w.batch * w.new_tokens {
         return Err(Error::input(
             "bench",
@@ -434,6 +530,7 @@ pub fn run_once(eng: &mut Engine, w: &Workload, seed: u64) -> Result<RunOutcome>
     }
     Ok(RunOutcome {
         seconds: secs,
+        bandwidth,
         stats: eng.stats(),
         kv_bytes: kv,
         device_used,
@@ -513,6 +610,16 @@ fn measure(
     // The bandwidth check allocates two probe buffers: before the peak is reset, after it
     // is read.
     let checked = machine.filter(|_| spec.check_bandwidth && model.device().is_cpu());
+    // Readings during the runs replace the check around them; the sampler's buffers are
+    // allocated before the peak is reset, and counted.
+    let mut sampler = checked
+        .filter(|_| spec.sample_every > 0.0)
+        .map(|m| Sampler {
+            meter: BandwidthMeter::new(m.buffer_mib),
+            every: spec.sample_every,
+        });
+    let sampler_bytes = sampler.as_ref().map_or(0, |s| s.meter.bytes());
+    let checked = checked.filter(|_| sampler.is_none());
     let bandwidth_before = checked.map(|m| m.bandwidth_now());
     trim_heap();
     let peak_reset = reset_peak_rss();
@@ -522,7 +629,7 @@ fn measure(
     eng.set_sync_split(spec.sync_split);
     for i in 0..spec.warmup {
         let t = Instant::now();
-        let o = run_once(&mut eng, &w, spec.seed)?;
+        let o = run_once(&mut eng, &w, spec.seed, None)?;
         kv_max = kv_max.max(o.kv_bytes);
         device_peak = device_peak.max(o.device_used);
         progress(&format!(
@@ -538,7 +645,12 @@ fn measure(
     let fixed_runs = spec.runs.max(1);
     while runs.len() < fixed_runs || timed < spec.min_seconds {
         let i = runs.len();
-        let o = run_once(&mut eng, &w, spec.seed.wrapping_add(1 + i as u64))?;
+        let o = run_once(
+            &mut eng,
+            &w,
+            spec.seed.wrapping_add(1 + i as u64),
+            sampler.as_mut(),
+        )?;
         let (secs, stats) = (o.seconds, o.stats);
         kv_max = kv_max.max(o.kv_bytes);
         device_peak = device_peak.max(o.device_used);
@@ -558,6 +670,7 @@ fn measure(
             seconds: secs,
             tokens_per_s: tps,
             stats,
+            bandwidth: o.bandwidth,
         });
     }
     let (_, hwm) = rss();
@@ -579,9 +692,10 @@ fn measure(
     // On a GPU the measured peak is the device's memory in use (its CUDA context included);
     // on the CPU the process's resident set.
     let base_rss = if device_peak.is_some() { 0 } else { rss_load.0 };
-    let expected = base_rss + mm.weights + kv_max + activations;
+    let expected = base_rss + mm.weights + kv_max + activations + sampler_bytes;
     let peak = device_peak.unwrap_or(hwm);
-    let bound = machine.map(|m| roofline_bound(model, &w, m, spec.kv_dtype));
+    let bound =
+        machine.map(|m| roofline_bound_sampled(model, &w, m, spec.kv_dtype, &med.bandwidth));
     let efficiency = bound
         .filter(|b| b.tokens_per_s > 0.0)
         .map(|b| med.tokens_per_s / b.tokens_per_s);
@@ -610,6 +724,7 @@ fn measure(
             model_rss: rss_load.1.saturating_sub(rss_load.0),
             kv_cache: kv_max,
             activations,
+            sampler: sampler_bytes,
             expected,
             device_peak,
             ratio: if expected > 0 {
@@ -623,6 +738,7 @@ fn measure(
         kernel_efficiency,
         bandwidth_check,
         discarded: Vec::new(),
+        sampled_bandwidth: SampledBandwidth::of(&med.bandwidth, spec.sample_every),
         runs,
     })
 }

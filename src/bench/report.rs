@@ -161,10 +161,30 @@ pub fn throughput_table(rows: &[BenchRow]) -> String {
     out
 }
 
-/// The lines that follow the table for one row: what it discarded, and whether its machine
-/// was steady.
+/// The lines that follow the table for one row: what it discarded, whether its machine was
+/// steady, the bandwidth read during it.
 pub fn row_notes(r: &BenchRow) -> impl Iterator<Item = String> {
-    discarded_note(r).into_iter().chain(bandwidth_warning(r))
+    discarded_note(r)
+        .into_iter()
+        .chain(bandwidth_warning(r))
+        .chain(sampled_note(r))
+}
+
+/// A note on the bandwidth read during the median run (`--sample-bandwidth`), which its bound
+/// uses.
+pub fn sampled_note(r: &BenchRow) -> Option<String> {
+    let s = r.sampled_bandwidth?;
+    Some(format!(
+        "note: {} {} batch {}: bound at the bandwidth read every {} s during the run: {:.1}-{:.1} GB/s, mean {:.1} ({} readings)",
+        r.model,
+        r.setting,
+        r.batch,
+        s.every_s,
+        s.min / 1e9,
+        s.max / 1e9,
+        s.mean / 1e9,
+        s.readings
+    ))
 }
 
 /// A note when a row was measured again because the machine's bandwidth moved during an
@@ -363,7 +383,7 @@ pub fn text(r: &BenchReport) -> String {
     out.push_str(&throughput_table(&r.rows));
     out.push_str("\nTime split (s, median run; block/dec = block decoder or the vanilla decoder stack) and memory:\n\n");
     out.push_str(&split_table(&r.rows));
-    out.push_str("\nexpected = process before loading + parameters + KV caches (as allocated) + largest step's activations; model RSS = resident memory the model added when loaded\n");
+    out.push_str("\nexpected = process before loading + parameters + KV caches (as allocated) + largest step's activations (+ the bandwidth sampler's buffers with --sample-bandwidth); model RSS = resident memory the model added when loaded\n");
     if let Some((a, b)) = &r.compare {
         let _ = writeln!(out, "\n{a} / {b} throughput:");
         for x in &r.ratios {

@@ -324,6 +324,32 @@ impl Roofline {
         e_w: f64,
         e_kv: f64,
     ) -> Roofline {
+        Self::bound_at(cfg, w, m, (e, e_w, e_kv), |_| m.bandwidth)
+    }
+
+    /// [`Roofline::bound_typed`] with the bandwidth of each engine step read from samples
+    /// taken during the run ([`step_bandwidth`]; the machine's where there are none).
+    pub fn bound_sampled(
+        cfg: &ModelConfig,
+        w: &Workload,
+        m: &Machine,
+        elems: (f64, f64, f64),
+        samples: &[BandwidthSample],
+    ) -> Roofline {
+        Self::bound_at(cfg, w, m, elems, |step| {
+            step_bandwidth(samples, step).unwrap_or(m.bandwidth)
+        })
+    }
+
+    /// The bound with `bandwidth(step)` bytes/s during each engine step, elements of
+    /// `(e, e_w, e_kv)` bytes as in [`Roofline::bound_typed`].
+    fn bound_at(
+        cfg: &ModelConfig,
+        w: &Workload,
+        m: &Machine,
+        (e, e_w, e_kv): (f64, f64, f64),
+        bandwidth: impl Fn(usize) -> f64,
+    ) -> Roofline {
         let kernels = cost_typed(cfg, w, e, e_w, e_kv);
         let mut r = Roofline::default();
         let mut i = 0;
@@ -334,9 +360,10 @@ impl Roofline {
                 .position(|k| k.call != call)
                 .map_or(kernels.len(), |n| i + n);
             let ks = &kernels[i..j];
+            let bw = bandwidth(ks[0].step);
             let flops: f64 = ks.iter().map(|k| k.flops).sum();
             let bytes: f64 = ks.iter().map(|k| k.bytes).sum();
-            let (tc, tm) = (flops / m.flops, bytes / m.bandwidth);
+            let (tc, tm) = (flops / m.flops, bytes / bw);
             let t = tc.max(tm);
             r.flops += flops;
             r.bytes += bytes;
@@ -349,7 +376,7 @@ impl Roofline {
             // The call's time split over its kernels in proportion to their own bounds.
             let own: Vec<f64> = ks
                 .iter()
-                .map(|k| (k.flops / m.flops).max(k.bytes / m.bandwidth))
+                .map(|k| (k.flops / m.flops).max(k.bytes / bw))
                 .collect();
             let total: f64 = own.iter().sum();
             r.kernel_seconds += total;
@@ -367,7 +394,7 @@ impl Roofline {
                 r.kv_s += ks
                     .iter()
                     .filter(|k| k.kind == Kind::Attention)
-                    .map(|k| k.bytes / m.bandwidth)
+                    .map(|k| k.bytes / bw)
                     .sum::<f64>();
             }
             i = j;
@@ -376,6 +403,27 @@ impl Roofline {
             r.tokens_per_s = (w.batch * w.new_tokens) as f64 / r.seconds;
         }
         r
+    }
+}
+
+/// The machine's memory bandwidth read during a run, after `step` engine steps (0: before the
+/// first).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct BandwidthSample {
+    pub step: usize,
+    /// Bytes / s, as the probe counts them.
+    pub bandwidth: f64,
+}
+
+/// The bandwidth during engine step `step` (0-based): the mean of the last reading before it
+/// and the first after it, or the one of the two there is; `None` without samples.
+pub fn step_bandwidth(samples: &[BandwidthSample], step: usize) -> Option<f64> {
+    let before = samples.iter().rev().find(|s| s.step <= step);
+    let after = samples.iter().find(|s| s.step > step);
+    match (before, after) {
+        (Some(a), Some(b)) => Some(0.5 * (a.bandwidth + b.bandwidth)),
+        (Some(s), None) | (None, Some(s)) => Some(s.bandwidth),
+        (None, None) => None,
     }
 }
 
@@ -685,31 +733,77 @@ fn unix_now() -> u64 {
 /// Best of `reps` reads (bytes / s) and copies ((read + written bytes) / s) of a buffer of
 /// `buffer_mib` MiB, on rayon's current thread count.
 fn measure_bandwidth(buffer_mib: usize, reps: usize) -> (f64, f64) {
-    use rayon::prelude::*;
-    let len = (buffer_mib.max(1) * (1 << 20) / 4).max(1 << 14);
-    let src: Vec<f32> = (0..len).into_par_iter().map(|i| (i % 7) as f32).collect();
-    let mut dst = vec![0f32; len];
-    let chunk = (len / (4 * rayon::current_num_threads().max(1))).max(1 << 14);
-    let read_once = |s: &[f32]| -> f32 { s.par_chunks(chunk).map(read_streams).sum() };
-    let copy_once = |d: &mut [f32], s: &[f32]| {
-        d.par_chunks_mut(chunk)
-            .zip(s.par_chunks(chunk))
-            .for_each(|(d, s)| d.copy_from_slice(s));
-    };
-    copy_once(&mut dst, &src); // fault the destination in
-    let mut sink = read_once(&src);
-    let (mut best_read, mut best_copy) = (f64::MAX, f64::MAX);
-    for _ in 0..reps.max(1) {
-        let t = Instant::now();
-        sink += read_once(&src);
-        best_read = best_read.min(t.elapsed().as_secs_f64());
-        let t = Instant::now();
-        copy_once(&mut dst, &src);
-        best_copy = best_copy.min(t.elapsed().as_secs_f64());
+    BandwidthMeter::new(buffer_mib).measure(reps)
+}
+
+/// The probe's bandwidth measurement over buffers it keeps (allocated and faulted in once):
+/// the bench reads the bandwidth with one between the steps of a run
+/// (`BenchSpec::sample_every`), without allocating there.
+pub struct BandwidthMeter {
+    src: Vec<f32>,
+    dst: Vec<f32>,
+}
+
+impl BandwidthMeter {
+    /// Two buffers of `buffer_mib` MiB each (the probe's size), written once.
+    pub fn new(buffer_mib: usize) -> BandwidthMeter {
+        use rayon::prelude::*;
+        let len = (buffer_mib.max(1) * (1 << 20) / 4).max(1 << 14);
+        let src: Vec<f32> = (0..len).into_par_iter().map(|i| (i % 7) as f32).collect();
+        let mut m = BandwidthMeter {
+            src,
+            dst: vec![0f32; len],
+        };
+        m.copy_once(); // fault the destination in
+        m
     }
-    std::hint::black_box((sink, &dst));
-    let bytes = (len * 4) as f64;
-    (bytes / best_read, 2.0 * bytes / best_copy)
+
+    /// Bytes the meter holds.
+    pub fn bytes(&self) -> usize {
+        4 * (self.src.len() + self.dst.len())
+    }
+
+    fn chunk(&self) -> usize {
+        (self.src.len() / (4 * rayon::current_num_threads().max(1))).max(1 << 14)
+    }
+
+    fn read_once(&self) -> f32 {
+        use rayon::prelude::*;
+        self.src.par_chunks(self.chunk()).map(read_streams).sum()
+    }
+
+    fn copy_once(&mut self) {
+        use rayon::prelude::*;
+        let chunk = self.chunk();
+        self.dst
+            .par_chunks_mut(chunk)
+            .zip(self.src.par_chunks(chunk))
+            .for_each(|(d, s)| d.copy_from_slice(s));
+    }
+
+    /// Best of `reps` reads (bytes / s) and copies ((read + written bytes) / s), after one
+    /// untimed read.
+    pub fn measure(&mut self, reps: usize) -> (f64, f64) {
+        let mut sink = self.read_once();
+        let (mut best_read, mut best_copy) = (f64::MAX, f64::MAX);
+        for _ in 0..reps.max(1) {
+            let t = Instant::now();
+            sink += self.read_once();
+            best_read = best_read.min(t.elapsed().as_secs_f64());
+            let t = Instant::now();
+            self.copy_once();
+            best_copy = best_copy.min(t.elapsed().as_secs_f64());
+        }
+        std::hint::black_box((sink, &self.dst));
+        let bytes = (self.src.len() * 4) as f64;
+        (bytes / best_read, 2.0 * bytes / best_copy)
+    }
+
+    /// The bandwidth as the probe counts it (the better of read and copy), best of `reps`.
+    pub fn bandwidth(&mut self, reps: usize) -> f64 {
+        let (read, copy) = self.measure(reps);
+        read.max(copy)
+    }
 }
 
 /// Sum of `c`, read as four interleaved sequential streams (the access pattern of the decode

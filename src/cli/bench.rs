@@ -88,6 +88,16 @@ pub struct Args {
         conflicts_with_all = ["no_roofline", "bandwidth_gbs"]
     )]
     pub retry_unsteady: usize,
+    /// Read the memory bandwidth between the steps of each timed run, every this many seconds
+    /// (best of 3 reads and copies of the probe's buffer, the clock stopped), and bound each
+    /// step by the bandwidth read around it instead of the probe's: for long runs on a
+    /// machine whose bandwidth changes while they run. CPU only.
+    #[arg(
+        long,
+        value_name = "SECONDS",
+        conflicts_with_all = ["no_roofline", "bandwidth_gbs", "retry_unsteady"]
+    )]
+    pub sample_bandwidth: Option<f64>,
     /// Skip the roofline (no probe, no bound).
     #[arg(long, conflicts_with = "reprobe")]
     pub no_roofline: bool,
@@ -255,7 +265,15 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     if a.max_batch == 0 {
         bail!("--max-batch must be at least 1");
     }
+    if let Some(s) = a.sample_bandwidth {
+        if !(s.is_finite() && s > 0.0) {
+            bail!("--sample-bandwidth {s}: expected a positive number of seconds");
+        }
+    }
     let (dev, dtype) = a.run.device_dtype(DType::BF16)?;
+    if !dev.is_cpu() && a.sample_bandwidth.is_some() {
+        bail!("--sample-bandwidth reads the host's memory bandwidth: it applies to CPU runs only");
+    }
     if !dev.is_cpu() && a.kv_cache != super::generate::KvCacheType::F32 {
         bail!("--kv-cache f16: applies to the CPU's caches; on a GPU the KV caches take --dtype");
     }
@@ -377,6 +395,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         // A bandwidth given by flag is another machine's (or a what-if): nothing to check.
         check_bandwidth: a.bandwidth_gbs.is_none(),
         unsteady_retries: a.retry_unsteady,
+        sample_every: a.sample_bandwidth.unwrap_or(0.0),
     };
     let mut rows_by_model = Vec::new();
     let mut notes = Vec::new();
