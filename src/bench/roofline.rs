@@ -324,31 +324,18 @@ impl Roofline {
         e_w: f64,
         e_kv: f64,
     ) -> Roofline {
-        Self::bound_at(cfg, w, m, (e, e_w, e_kv), |_| m.bandwidth)
+        Self::bound_sampled(cfg, w, m, (e, e_w, e_kv), &[])
     }
 
-    /// [`Roofline::bound_typed`] with the bandwidth of each engine step read from samples
-    /// taken during the run ([`step_bandwidth`]; the machine's where there are none).
+    /// [`Roofline::bound_typed`] (elements of `(e, e_w, e_kv)` bytes) with the bandwidth of
+    /// each engine step read from samples taken during the run ([`step_bandwidth`]; the
+    /// machine's where there are none).
     pub fn bound_sampled(
         cfg: &ModelConfig,
         w: &Workload,
         m: &Machine,
-        elems: (f64, f64, f64),
-        samples: &[BandwidthSample],
-    ) -> Roofline {
-        Self::bound_at(cfg, w, m, elems, |step| {
-            step_bandwidth(samples, step).unwrap_or(m.bandwidth)
-        })
-    }
-
-    /// The bound with `bandwidth(step)` bytes/s during each engine step, elements of
-    /// `(e, e_w, e_kv)` bytes as in [`Roofline::bound_typed`].
-    fn bound_at(
-        cfg: &ModelConfig,
-        w: &Workload,
-        m: &Machine,
         (e, e_w, e_kv): (f64, f64, f64),
-        bandwidth: impl Fn(usize) -> f64,
+        samples: &[BandwidthSample],
     ) -> Roofline {
         let kernels = cost_typed(cfg, w, e, e_w, e_kv);
         let mut r = Roofline::default();
@@ -360,7 +347,7 @@ impl Roofline {
                 .position(|k| k.call != call)
                 .map_or(kernels.len(), |n| i + n);
             let ks = &kernels[i..j];
-            let bw = bandwidth(ks[0].step);
+            let bw = step_bandwidth(samples, ks[0].step).unwrap_or(m.bandwidth);
             let flops: f64 = ks.iter().map(|k| k.flops).sum();
             let bytes: f64 = ks.iter().map(|k| k.bytes).sum();
             let (tc, tm) = (flops / m.flops, bytes / bw);
