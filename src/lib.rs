@@ -8,6 +8,7 @@ pub mod data;
 pub mod error;
 pub mod eval;
 pub mod generate;
+pub mod gpu;
 pub mod kernels;
 pub mod model;
 pub mod score;

@@ -28,7 +28,7 @@ fn test_device() -> Device {
                 .strip_prefix("cuda")
                 .map(|r| r.trim_start_matches(':').parse().unwrap_or(0))
                 .unwrap_or_else(|| panic!("BLOCKFORMER_TEST_DEVICE={d}: expected cpu or cuda[:N]"));
-            Device::new_cuda(n).expect("BLOCKFORMER_TEST_DEVICE names a CUDA device")
+            blockformer::gpu::open_cuda(n).expect("BLOCKFORMER_TEST_DEVICE names a CUDA device")
         }
     }
 }
@@ -311,4 +311,46 @@ fn training_runs_on_the_test_device() {
     }
     println!("training on {dev:?}: loss {first:.3} -> {last:.3}");
     assert!(last < first - 1.0, "loss {first} -> {last}");
+}
+
+/// The tensor path's fused masked softmax (a CUDA kernel on a GPU) equals its composed twin
+/// (float32 cast, scale, -1e30 mask, softmax, cast back) in every dtype, for decode rows (one
+/// query, long rows), causal prompt blocks and short rows.
+#[test]
+fn masked_softmax_equals_its_composed_twin_on_the_test_device() {
+    use blockformer::kernels::masked_softmax::{masked_softmax, reference};
+    use candle_core::Tensor;
+    let dev = test_device();
+    // (span, heads, n_q, t, limit of (slot, query))
+    type Limit = fn(usize, usize) -> u32;
+    let cases: [(usize, usize, usize, usize, Limit); 3] = [
+        (5, 4, 1, 1000, |s, _| (200 * s + 7) as u32),
+        (2, 3, 64, 64, |_, q| q as u32),
+        (7, 2, 3, 5, |s, q| (s + q) as u32),
+    ];
+    for (span, heads, n_q, t, lim) in cases {
+        let scores = Tensor::randn(0f32, 4.0, (span, heads, n_q, t), &dev).unwrap();
+        let limit: Vec<u32> = (0..span * n_q).map(|i| lim(i / n_q, i % n_q)).collect();
+        let limit = Tensor::from_vec(limit, (span, 1, n_q, 1), &dev).unwrap();
+        for dt in [DType::F32, DType::BF16, DType::F16] {
+            let s = scores.to_dtype(dt).unwrap();
+            let got = masked_softmax(&s, &limit, 0.125).unwrap();
+            let want = reference(&s, &limit, 0.125).unwrap();
+            assert_eq!(got.dtype(), dt);
+            let (got, want) = (to_f32(&got), to_f32(&want));
+            let diff = got
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            let tol = if dt == DType::F32 { 1e-5 } else { 1e-2 };
+            println!(
+                "masked softmax {span}x{heads}x{n_q}x{t} {dt:?} on {dev:?}: max |diff| {diff}"
+            );
+            assert!(
+                diff <= tol,
+                "{span}x{heads}x{n_q}x{t} {dt:?}: max |diff| {diff}"
+            );
+        }
+    }
 }

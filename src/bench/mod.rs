@@ -622,6 +622,9 @@ fn measure(
     let checked = checked.filter(|_| sampler.is_none());
     let bandwidth_before = checked.map(|m| m.bandwidth_now());
     trim_heap();
+    // On a GPU: what earlier measurements left in the allocator's pool goes back to the
+    // driver, so the device memory read between steps is this measurement's.
+    crate::gpu::trim_pool(&model.device())?;
     let peak_reset = reset_peak_rss();
     let mut kv_max = 0;
     let mut device_peak: Option<usize> = None;

@@ -104,7 +104,7 @@ pub fn device(name: &str) -> anyhow::Result<Device> {
              (build it with scripts/build-cuda.sh, i.e. `cargo build --features cuda`)"
         );
     }
-    Device::new_cuda(ordinal).map_err(|e| {
+    blockformer::gpu::open_cuda(ordinal).map_err(|e| {
         let first = e.to_string();
         let first = first.lines().next().unwrap_or_default().to_string();
         anyhow::anyhow!(

@@ -8,6 +8,7 @@
 //! matmuls over a strided view of the pool (slots `lo..=hi`, positions `0..T`).
 
 use super::attention::{Rotary, RowSpec};
+use super::masked_softmax::masked_softmax;
 use candle_core::{DType, Device, Tensor};
 use std::sync::{Arc, Mutex};
 
@@ -116,23 +117,8 @@ pub struct Group {
     pub t: usize,
     /// `[span * n_q]` (u32): for each (slot, query) the new position it reads its query from.
     pub q_index: Tensor,
-    /// `[span, 1, n_q, 1]` (u32): the last cache position each query may attend to (the mask is
-    /// made from it on the device instead of being uploaded whole).
+    /// `[span, 1, n_q, 1]` (u32): the last cache position each query may attend to.
     pub limit: Tensor,
-    /// `[span, 1, n_q, t]` (f32): the mask made from `limit` once for all layers (and shared
-    /// with earlier groups of equal limits) while the step's [`SHARED_MASK_BUDGET`] lasts;
-    /// `None`: made layer by layer.
-    pub mask: Option<Tensor>,
-}
-
-/// Mask elements a step keeps for all its layers; groups beyond it make theirs layer by
-/// layer. Groups with the same limits (e.g. the parts of a batch of equal prompts) share one.
-const SHARED_MASK_BUDGET: usize = 1 << 26;
-
-/// `0` where key `j <= limit` of the query, `-1e30` elsewhere: `[span, 1, n_q, t]` (f32).
-fn mask(limit: &Tensor, t: usize) -> candle_core::Result<Tensor> {
-    let keys = Tensor::arange(0u32, t as u32, limit.device())?.reshape((1, 1, 1, t))?;
-    (keys.broadcast_le(limit)?.to_dtype(DType::F32)? - 1.0)? * 1e30
 }
 
 /// Rows bringing several positions (prompts, or a block's prefix) whose keys and values are
@@ -269,8 +255,6 @@ impl PoolStep {
             }
         }
         let mut groups = Vec::new();
-        let mut masks: Vec<(Vec<u32>, usize, Tensor)> = Vec::new(); // (limits, t, mask)
-        let mut mask_budget = SHARED_MASK_BUDGET;
         let mut gather = vec![0u32; n];
         let mut out_rows = 0usize;
         for (n_q, mut members) in by_len {
@@ -307,25 +291,13 @@ impl PoolStep {
                     }
                 }
                 out_rows += span * n_q;
-                let limit_t = Tensor::from_slice(&limit, (span, 1, n_q, 1), dev)?;
-                let mask = match masks.iter().find(|(l, mt, _)| *mt == t && *l == limit) {
-                    Some((_, _, m)) => Some(m.clone()),
-                    None if span * n_q * t <= mask_budget => {
-                        mask_budget -= span * n_q * t;
-                        let m = mask(&limit_t, t)?;
-                        masks.push((limit, t, m.clone()));
-                        Some(m)
-                    }
-                    None => None,
-                };
                 groups.push(Group {
                     lo,
                     span,
                     n_q,
                     t,
                     q_index: Tensor::from_vec(q_index, span * n_q, dev)?,
-                    limit: limit_t,
-                    mask,
+                    limit: Tensor::from_vec(limit, (span, 1, n_q, 1), dev)?,
                 });
             }
         }
@@ -381,7 +353,7 @@ pub fn pooled_attention(
             dst.narrow(0, b.lo, b.span)?.slice_set(&rows, 2, b.at)?;
         }
     }
-    let scale = 1.0 / (hd as f64).sqrt();
+    let scale = 1.0 / (hd as f32).sqrt();
     let mut outs = Vec::with_capacity(step.groups.len());
     for g in &step.groups {
         let qg = q
@@ -391,18 +363,10 @@ pub fn pooled_attention(
             .contiguous()?; // [span, nh, n_q, hd]
         let kg = kp.narrow(0, g.lo, g.span)?.narrow(2, 0, g.t)?; // [span, nh, t, hd] view
         let vg = vp.narrow(0, g.lo, g.span)?.narrow(2, 0, g.t)?;
-        // Scores [span, nh, n_q, t]; mask 0 where key j <= the query's limit, -1e30 elsewhere.
-        let scores = qg.matmul(&kg.t()?)?.to_dtype(DType::F32)?;
-        let layer_mask;
-        let mask = match &g.mask {
-            Some(m) => m,
-            None => {
-                layer_mask = mask(&g.limit, g.t)?;
-                &layer_mask
-            }
-        };
-        let p = candle_nn::ops::softmax_last_dim(&(scores * scale)?.broadcast_add(mask)?)?;
-        let o = p.to_dtype(q.dtype())?.matmul(&vg)?; // [span, nh, n_q, hd]
+        // Scores [span, nh, n_q, t]; each query sees keys 0..=its limit.
+        let scores = qg.matmul(&kg.t()?)?;
+        let p = masked_softmax(&scores, &g.limit, scale)?;
+        let o = p.matmul(&vg)?; // [span, nh, n_q, hd]
         outs.push(o.transpose(1, 2)?.reshape((g.span * g.n_q, nh * hd))?);
     }
     let all = if outs.len() == 1 {

@@ -3,6 +3,7 @@
 
 pub mod attention;
 pub mod kv_pool;
+pub mod masked_softmax;
 pub mod matmul;
 pub mod ops;
 pub mod panel;
