@@ -66,3 +66,58 @@ fn default_pool(
     // SAFETY: the device handle comes from a live context.
     unsafe { cudarc::driver::result::device::get_default_mem_pool(ctx.cu_device()) }.map_err(err)
 }
+
+/// Sections of the tensor path timed with the device waited for at both ends (only when
+/// `BLOCKFORMER_PROFILE` is set): `(name, seconds, calls)` in first-seen order.
+type Profile = std::sync::Mutex<Vec<(&'static str, f64, usize)>>;
+
+fn profile() -> Option<&'static Profile> {
+    static PROFILE: std::sync::OnceLock<Option<Profile>> = std::sync::OnceLock::new();
+    PROFILE
+        .get_or_init(|| {
+            std::env::var_os("BLOCKFORMER_PROFILE").map(|_| std::sync::Mutex::new(Vec::new()))
+        })
+        .as_ref()
+}
+
+/// Runs `f` as section `name` of the device-time profile: with `BLOCKFORMER_PROFILE` set, the
+/// device is waited for before and after, and the time between is added to the section (which
+/// slows the run down: for finding where device time goes, not for timing runs); otherwise
+/// just `f()`.
+pub fn section<R>(name: &'static str, dev: &Device, f: impl FnOnce() -> R) -> R {
+    let Some(profile) = profile() else {
+        return f();
+    };
+    let _ = dev.synchronize();
+    let start = std::time::Instant::now();
+    let r = f();
+    let _ = dev.synchronize();
+    let dt = start.elapsed().as_secs_f64();
+    if let Ok(mut p) = profile.lock() {
+        match p.iter_mut().find(|(n, _, _)| *n == name) {
+            Some(e) => {
+                e.1 += dt;
+                e.2 += 1;
+            }
+            None => p.push((name, dt, 1)),
+        }
+    }
+    r
+}
+
+/// The device-time profile as a table (`None` unless `BLOCKFORMER_PROFILE` is set).
+pub fn profile_report() -> Option<String> {
+    let p = profile()?.lock().ok()?;
+    let total: f64 = p.iter().map(|e| e.1).sum();
+    let mut s = format!(
+        "{:<24} {:>10} {:>8} {:>6}\n",
+        "section", "seconds", "calls", "share"
+    );
+    for (name, secs, calls) in p.iter() {
+        s += &format!(
+            "{name:<24} {secs:>10.3} {calls:>8} {:>5.1}%\n",
+            100.0 * secs / total.max(1e-12)
+        );
+    }
+    Some(s)
+}

@@ -318,7 +318,7 @@ fn training_runs_on_the_test_device() {
 /// query, long rows), causal prompt blocks and short rows.
 #[test]
 fn masked_softmax_equals_its_composed_twin_on_the_test_device() {
-    use blockformer::kernels::masked_softmax::{masked_softmax, reference};
+    use blockformer::kernels::pool_attention::{masked_softmax, reference};
     use candle_core::Tensor;
     let dev = test_device();
     // (span, heads, n_q, t, limit of (slot, query))
@@ -352,5 +352,79 @@ fn masked_softmax_equals_its_composed_twin_on_the_test_device() {
                 "{span}x{heads}x{n_q}x{t} {dt:?}: max |diff| {diff}"
             );
         }
+    }
+}
+
+/// The tensor path's decode attention (a CUDA kernel on a GPU) equals its composed twin (the
+/// batched matmuls around the masked softmax) for every head size it takes, in every dtype, with
+/// limits at the first position, mid-row, at the last position and past it, from a slot > 0.
+#[test]
+fn decode_attention_equals_its_composed_twin_on_the_test_device() {
+    use blockformer::kernels::pool_attention::{decode_attention, decode_reference};
+    use candle_core::Tensor;
+    let dev = test_device();
+    let (slots, heads, cap, lo, span) = (9, 3, 300, 2, 6);
+    for hd in [32, 64, 128] {
+        let q = Tensor::randn(0f32, 1.0, (span, heads, 1, hd), &dev).unwrap();
+        let k = Tensor::randn(0f32, 1.0, (slots, heads, cap, hd), &dev).unwrap();
+        let v = Tensor::randn(0f32, 1.0, (slots, heads, cap, hd), &dev).unwrap();
+        let limit = Tensor::new(&[0u32, 17, 150, 299, 1000, 63], &dev).unwrap();
+        let scale = 1.0 / (hd as f32).sqrt();
+        for (dt, tol) in [(DType::F32, 1e-4), (DType::BF16, 5e-2), (DType::F16, 2e-2)] {
+            let (q, k, v) = (
+                q.to_dtype(dt).unwrap(),
+                k.to_dtype(dt).unwrap(),
+                v.to_dtype(dt).unwrap(),
+            );
+            let got = decode_attention(&q, &k, &v, lo, &limit, scale).unwrap();
+            let want = decode_reference(&q, &k, &v, lo, &limit, scale).unwrap();
+            assert_eq!(got.dims(), &[span, heads, 1, hd]);
+            assert_eq!(got.dtype(), dt);
+            let (got, want) = (to_f32(&got), to_f32(&want));
+            let diff = got
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            println!("decode attention head_dim {hd} {dt:?} on {dev:?}: max |diff| {diff}");
+            assert!(diff <= tol, "head_dim {hd} {dt:?}: max |diff| {diff}");
+        }
+    }
+}
+
+/// Models whose head size the decode kernel takes (32: `block_main_b4_5`, 64: `vanilla_70`),
+/// with random weights: the tensor path on the test device generates what the host engine
+/// does, rows joining and leaving.
+#[test]
+fn tensor_path_with_the_decode_kernel_equals_the_host_engine() {
+    let dev = test_device();
+    for name in ["block_main_b4_5", "vanilla_70"] {
+        let cfg = blockformer::config::preset(name).unwrap();
+        let host = Model::random(&cfg, 7, &Device::Cpu).unwrap();
+        let tensor = Arc::new(host.to(&dev, DType::F32).unwrap());
+        let host = Arc::new(host);
+        let reqs = requests(false);
+        for max_batch in [6, 2] {
+            let a = run(
+                &host,
+                Backend::Host,
+                &reqs,
+                max_batch,
+                PositionMode::Trained,
+                None,
+            );
+            let b = run(
+                &tensor,
+                Backend::Tensor,
+                &reqs,
+                max_batch,
+                PositionMode::Trained,
+                None,
+            );
+            let a: Vec<_> = a.into_iter().map(|x| x.0).collect();
+            let b: Vec<_> = b.into_iter().map(|x| x.0).collect();
+            assert_eq!(a, b, "{name} batch {max_batch}");
+        }
+        println!("{name}: tensor path with the decode kernel on {dev:?} = host engine");
     }
 }

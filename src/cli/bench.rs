@@ -523,5 +523,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     } else {
         print!("{}", report::text(&rep));
     }
+    if let Some(p) = blockformer::gpu::profile_report() {
+        eprintln!("device-time profile (BLOCKFORMER_PROFILE; all runs, warm-ups included):\n{p}");
+    }
     Ok(())
 }

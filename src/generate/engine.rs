@@ -870,7 +870,7 @@ impl Engine {
                 return Ok(());
             }
         }
-        let logits = head.forward(hidden)?;
+        let logits = crate::gpu::section("lm head", hidden.device(), || head.forward(hidden))?;
         self.split_point()?;
         let t = Instant::now();
         let chosen = if greedy && !logits.device().is_cpu() {

@@ -8,7 +8,8 @@
 //! matmuls over a strided view of the pool (slots `lo..=hi`, positions `0..T`).
 
 use super::attention::{Rotary, RowSpec};
-use super::masked_softmax::masked_softmax;
+use super::pool_attention::{decode_attention, decode_supported, masked_softmax, reference};
+use crate::gpu::section;
 use candle_core::{DType, Device, Tensor};
 use std::sync::{Arc, Mutex};
 
@@ -312,6 +313,14 @@ impl PoolStep {
     }
 }
 
+/// Whether the pool's attention uses its fused kernels ([`decode_attention`], [`masked_softmax`]):
+/// yes unless `BLOCKFORMER_POOL_KERNELS=0`, which selects their composed twins (to compare the
+/// two on a device).
+fn fused_kernels() -> bool {
+    static FUSED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *FUSED.get_or_init(|| std::env::var("BLOCKFORMER_POOL_KERNELS").as_deref() != Ok("0"))
+}
+
 /// One layer of cached attention on a pool.
 ///
 /// - `q`, `k`, `v`: `[heads, N, head_dim]`, contiguous, keys and queries already rotated;
@@ -328,53 +337,70 @@ pub fn pooled_attention(
 ) -> candle_core::Result<Tensor> {
     let (nh, _, hd) = q.dims3()?;
     let (kp, vp) = (&pool.k[layer], &pool.v[layer]);
-    // Single positions: one scatter per tensor for all of them.
-    if let Some(w) = &step.scatter {
-        for (dst, src) in [(kp, k), (vp, v)] {
-            let rows = src
-                .index_select(&w.src, 1)? // [nh, span, hd]
-                .transpose(0, 1)?
-                .contiguous()?
-                .reshape((w.span * nh, 1, hd))?;
-            dst.narrow(0, w.lo, w.span)?
-                .reshape((w.span * nh, pool.capacity, hd))?
-                .scatter_set(&w.at, &rows, 1)?;
+    let dev = q.device();
+    section("kv write", dev, || -> candle_core::Result<()> {
+        // Single positions: one scatter per tensor for all of them.
+        if let Some(w) = &step.scatter {
+            for (dst, src) in [(kp, k), (vp, v)] {
+                let rows = src
+                    .index_select(&w.src, 1)? // [nh, span, hd]
+                    .transpose(0, 1)?
+                    .contiguous()?
+                    .reshape((w.span * nh, 1, hd))?;
+                dst.narrow(0, w.lo, w.span)?
+                    .reshape((w.span * nh, pool.capacity, hd))?
+                    .scatter_set(&w.at, &rows, 1)?;
+            }
         }
-    }
-    // Prompts and prefixes: one block copy per run of rows in consecutive slots (no index
-    // tensor the size of the prompts).
-    for b in &step.blocks {
-        for (dst, src) in [(kp, k), (vp, v)] {
-            let rows = src
-                .narrow(1, b.first, b.span * b.n)?
-                .reshape((nh, b.span, b.n, hd))?
-                .transpose(0, 1)?
-                .contiguous()?; // [span, nh, n, hd]
-            dst.narrow(0, b.lo, b.span)?.slice_set(&rows, 2, b.at)?;
+        // Prompts and prefixes: one block copy per run of rows in consecutive slots (no index
+        // tensor the size of the prompts).
+        for b in &step.blocks {
+            for (dst, src) in [(kp, k), (vp, v)] {
+                let rows = src
+                    .narrow(1, b.first, b.span * b.n)?
+                    .reshape((nh, b.span, b.n, hd))?
+                    .transpose(0, 1)?
+                    .contiguous()?; // [span, nh, n, hd]
+                dst.narrow(0, b.lo, b.span)?.slice_set(&rows, 2, b.at)?;
+            }
         }
-    }
-    let scale = 1.0 / (hd as f32).sqrt();
-    let mut outs = Vec::with_capacity(step.groups.len());
-    for g in &step.groups {
-        let qg = q
-            .index_select(&g.q_index, 1)? // [nh, span*n_q, hd]
-            .reshape((nh, g.span, g.n_q, hd))?
-            .transpose(0, 1)?
-            .contiguous()?; // [span, nh, n_q, hd]
-        let kg = kp.narrow(0, g.lo, g.span)?.narrow(2, 0, g.t)?; // [span, nh, t, hd] view
-        let vg = vp.narrow(0, g.lo, g.span)?.narrow(2, 0, g.t)?;
-        // Scores [span, nh, n_q, t]; each query sees keys 0..=its limit.
-        let scores = qg.matmul(&kg.t()?)?;
-        let p = masked_softmax(&scores, &g.limit, scale)?;
-        let o = p.matmul(&vg)?; // [span, nh, n_q, hd]
-        outs.push(o.transpose(1, 2)?.reshape((g.span * g.n_q, nh * hd))?);
-    }
-    let all = if outs.len() == 1 {
-        outs.pop().expect("one group")
-    } else {
-        Tensor::cat(&outs, 0)?
-    };
-    all.index_select(&step.gather, 0)
+        Ok(())
+    })?;
+    section("attention", dev, || -> candle_core::Result<Tensor> {
+        let scale = 1.0 / (hd as f32).sqrt();
+        let fused = fused_kernels();
+        let mut outs = Vec::with_capacity(step.groups.len());
+        for g in &step.groups {
+            let qg = q
+                .index_select(&g.q_index, 1)? // [nh, span*n_q, hd]
+                .reshape((nh, g.span, g.n_q, hd))?
+                .transpose(0, 1)?
+                .contiguous()?; // [span, nh, n_q, hd]
+            if fused && g.n_q == 1 && decode_supported(hd) {
+                // One query per row: straight over the pool, each key and value read once.
+                let o = decode_attention(&qg, kp, vp, g.lo, &g.limit, scale)?; // [span, nh, 1, hd]
+                outs.push(o.reshape((g.span, nh * hd))?);
+                continue;
+            }
+            let kg = kp.narrow(0, g.lo, g.span)?.narrow(2, 0, g.t)?; // [span, nh, t, hd] view
+            let vg = vp.narrow(0, g.lo, g.span)?.narrow(2, 0, g.t)?;
+            // Scores [span, nh, n_q, t]; each query sees keys 0..=its limit.
+            let scores = qg.matmul(&kg.t()?)?;
+            let p = if fused {
+                masked_softmax(&scores, &g.limit, scale)?
+            } else {
+                reference(&scores, &g.limit, scale)?
+            };
+            let o = p.matmul(&vg)?; // [span, nh, n_q, hd]
+            outs.push(o.transpose(1, 2)?.reshape((g.span * g.n_q, nh * hd))?);
+        }
+        let all = if outs.len() == 1 {
+            outs.pop().expect("one group")
+        } else {
+            Tensor::cat(&outs, 0)?
+        };
+        all.index_select(&step.gather, 0)
+    })
 }
 
 #[cfg(test)]

@@ -3,10 +3,10 @@
 
 pub mod attention;
 pub mod kv_pool;
-pub mod masked_softmax;
 pub mod matmul;
 pub mod ops;
 pub mod panel;
+pub mod pool_attention;
 pub mod train_attention;
 
 thread_local! {

@@ -20,6 +20,7 @@
 use super::{Init, WeightSource};
 use crate::config::NeoXConfig;
 use crate::error::Result;
+use crate::gpu::section;
 use crate::kernels::attention::{self, KvCache, KvDtype, Rotary, RowSpec};
 use crate::kernels::kv_pool::{self, KvPool, PoolStep};
 use crate::kernels::panel::{self, Epilogue, Panels};
@@ -864,15 +865,17 @@ impl NeoX {
         let Some(pool) = pool else {
             return Ok(x.clone());
         };
-        let step = PoolStep::new(
-            &pool,
-            rows,
-            &slots,
-            &lens,
-            &self.rotary,
-            x.dtype(),
-            x.device(),
-        )?;
+        let step = section("step plan", x.device(), || {
+            PoolStep::new(
+                &pool,
+                rows,
+                &slots,
+                &lens,
+                &self.rotary,
+                x.dtype(),
+                x.device(),
+            )
+        })?;
         let mut h = x.clone();
         for (li, layer) in self.layers.iter().enumerate() {
             h = self.layer_pooled(layer, li, &h, &pool, &step)?;
@@ -892,17 +895,24 @@ impl NeoX {
     ) -> Result<Tensor> {
         let (n, _) = x.dims2()?;
         let (nh, hd) = self.heads();
-        let a = layer.input_layernorm.forward_fused(x)?;
-        let qkv = layer
-            .query_key_value
-            .forward(&a)?
-            .reshape((n, nh, 3 * hd))?
-            .transpose(0, 1)?; // [nh, N, 3hd]
-        let q = self.rotate(&qkv.narrow(2, 0, hd)?, step)?;
-        let k = self.rotate(&qkv.narrow(2, hd, hd)?, step)?;
-        let v = qkv.narrow(2, 2 * hd, hd)?.contiguous()?;
+        let dev = x.device();
+        let qkv = section("layer norm + qkv", dev, || -> Result<Tensor> {
+            let a = layer.input_layernorm.forward_fused(x)?;
+            Ok(layer
+                .query_key_value
+                .forward(&a)?
+                .reshape((n, nh, 3 * hd))?
+                .transpose(0, 1)?) // [nh, N, 3hd]
+        })?;
+        let (q, k, v) = section("rotary", dev, || -> Result<_> {
+            let q = self.rotate(&qkv.narrow(2, 0, hd)?, step)?;
+            let k = self.rotate(&qkv.narrow(2, hd, hd)?, step)?;
+            Ok((q, k, qkv.narrow(2, 2 * hd, hd)?.contiguous()?))
+        })?;
         let o = kv_pool::pooled_attention(pool, li, step, &q, &k, &v)?; // [N, W]
-        self.residual_and_mlp(layer, x, &o, LayerNorm::forward_fused)
+        section("dense + mlp", dev, || {
+            self.residual_and_mlp(layer, x, &o, LayerNorm::forward_fused)
+        })
     }
 
     /// Rotary on the first `rd` dims of `z [nh, N, hd]` at the step's positions.

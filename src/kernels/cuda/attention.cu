@@ -70,3 +70,98 @@ __device__ void masked_softmax(const T *x, const uint32_t *limit, T *y, uint32_t
 MASKED_SOFTMAX(masked_softmax_f32, float)
 MASKED_SOFTMAX(masked_softmax_bf16, __nv_bfloat16)
 MASKED_SOFTMAX(masked_softmax_f16, __half)
+
+// Decode attention over a KV pool: one query per (slot, head), keys and values read once.
+// q [span, heads, hd]; kpool/vpool [slots, heads, cap, hd] from slot `lo`; slot s's query sees
+// positions 0..=limit[s]; out [span, heads, hd]. One block of DECODE_WARPS warps per (slot,
+// head); each warp walks its share of the keys DECODE_UNROLL at a time with an online softmax
+// in float32 (each lane holds E = hd / 32 elements of q, of its accumulator and of every key
+// and value row), then the warps' partial results are merged.
+#define DECODE_WARPS 4
+#define DECODE_UNROLL 4
+template <typename T, int E>
+__device__ void decode_attention(const T *q, const T *kpool, const T *vpool,
+                                 const uint32_t *limit, T *out, uint32_t heads, uint32_t cap,
+                                 float scale) {
+  constexpr int HD = 32 * E;
+  __shared__ float part_m[DECODE_WARPS], part_l[DECODE_WARPS];
+  __shared__ float part_acc[DECODE_WARPS][HD];
+  const size_t b = blockIdx.x;  // s * heads + h
+  const uint32_t s = b / heads;
+  const uint32_t lim = min(limit[s], cap - 1);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const T *kb = kpool + b * cap * HD + lane * E;
+  const T *vb = vpool + b * cap * HD + lane * E;
+  float qv[E], acc[E];
+#pragma unroll
+  for (int e = 0; e < E; e++) {
+    qv[e] = to_f32(q[b * HD + lane * E + e]) * scale;
+    acc[e] = 0.f;
+  }
+  float m = -INFINITY, l = 0.f;
+  for (uint32_t j0 = warp * DECODE_UNROLL; j0 <= lim; j0 += DECODE_WARPS * DECODE_UNROLL) {
+    float kf[DECODE_UNROLL][E], vf[DECODE_UNROLL][E];
+#pragma unroll
+    for (int u = 0; u < DECODE_UNROLL; u++) {
+      const uint32_t j = j0 + u;
+#pragma unroll
+      for (int e = 0; e < E; e++) {
+        kf[u][e] = j <= lim ? to_f32(kb[(size_t)j * HD + e]) : 0.f;
+        vf[u][e] = j <= lim ? to_f32(vb[(size_t)j * HD + e]) : 0.f;
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < DECODE_UNROLL; u++) {
+      if (j0 + u > lim) break;
+      float d = 0.f;
+#pragma unroll
+      for (int e = 0; e < E; e++) d += qv[e] * kf[u][e];
+      for (int o = 16; o > 0; o >>= 1) d += __shfl_xor_sync(0xffffffff, d, o);
+      const float m_new = fmaxf(m, d);
+      const float corr = expf(m - m_new);  // 0 for the first key (m = -inf)
+      const float p = expf(d - m_new);
+      l = l * corr + p;
+#pragma unroll
+      for (int e = 0; e < E; e++) acc[e] = acc[e] * corr + p * vf[u][e];
+      m = m_new;
+    }
+  }
+  if (lane == 0) {
+    part_m[warp] = m;
+    part_l[warp] = l;
+  }
+#pragma unroll
+  for (int e = 0; e < E; e++) part_acc[warp][lane * E + e] = acc[e];
+  __syncthreads();
+  float mm = -INFINITY;
+#pragma unroll
+  for (int w = 0; w < DECODE_WARPS; w++) mm = fmaxf(mm, part_m[w]);
+  float ll = 0.f, wgt[DECODE_WARPS];
+#pragma unroll
+  for (int w = 0; w < DECODE_WARPS; w++) {
+    wgt[w] = part_l[w] > 0.f ? expf(part_m[w] - mm) : 0.f;  // warps without keys weigh 0
+    ll += part_l[w] * wgt[w];
+  }
+  for (int d = threadIdx.x; d < HD; d += blockDim.x) {
+    float o = 0.f;
+#pragma unroll
+    for (int w = 0; w < DECODE_WARPS; w++) o += part_acc[w][d] * wgt[w];
+    out[b * HD + d] = from_f32<T>(o / ll);
+  }
+}
+
+#define DECODE_ATTENTION(NAME, T, E)                                                        \
+  extern "C" __global__ void NAME(const T *q, const T *kpool, const T *vpool,               \
+                                  const uint32_t *limit, T *out, uint32_t heads,            \
+                                  uint32_t cap, float scale) {                              \
+    decode_attention<T, E>(q, kpool, vpool, limit, out, heads, cap, scale);                 \
+  }
+DECODE_ATTENTION(decode_attention_f32_32, float, 1)
+DECODE_ATTENTION(decode_attention_f32_64, float, 2)
+DECODE_ATTENTION(decode_attention_f32_128, float, 4)
+DECODE_ATTENTION(decode_attention_bf16_32, __nv_bfloat16, 1)
+DECODE_ATTENTION(decode_attention_bf16_64, __nv_bfloat16, 2)
+DECODE_ATTENTION(decode_attention_bf16_128, __nv_bfloat16, 4)
+DECODE_ATTENTION(decode_attention_f16_32, __half, 1)
+DECODE_ATTENTION(decode_attention_f16_64, __half, 2)
+DECODE_ATTENTION(decode_attention_f16_128, __half, 4)
