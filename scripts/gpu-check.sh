@@ -63,8 +63,8 @@ fi
 table1_run() {
   local m=$1 s=$2 w=$3 limit=$4
   local log="$OUT/table1.txt"
-  local args=(bench --device cuda --dtype bf16 --preset "$m" --setting "$s" --max-batch 512
-    --runs 1 --warmup "$w")
+  local args=(bench --device cuda --dtype bf16 --preset "$m" --setting "$s"
+    --max-batch "${TABLE1_MAX_BATCH:-1024}" --runs 1 --warmup "$w")
   echo "-- $m $s" >>"$log"
   timeout "$(left "$limit")" "$B" "${args[@]}" >>"$log" 2>&1
   local rc=$?
@@ -80,9 +80,9 @@ table1_run() {
 # The runs, most wanted first: the 1.2B block model and the 410M vanilla one, then the 85M/160M
 # pair. Prefill-heavy block runs are short and get one warm-up; the others are timed directly
 # (the smoke run has compiled the kernels).
-TABLE1_RUNS=${TABLE1_RUNS:-"block_main_b4_1.2b:prefill-heavy:1:60 vanilla_410:decode-heavy:0:150
-  block_main_b4_1.2b:decode-heavy:0:90 vanilla_410:prefill-heavy:0:90
-  block_main_b4_85:prefill-heavy:1:40 vanilla_160:prefill-heavy:0:90
+TABLE1_RUNS=${TABLE1_RUNS:-"block_main_b4_1.2b:prefill-heavy:1:60 vanilla_410:decode-heavy:0:120
+  block_main_b4_1.2b:decode-heavy:0:90 vanilla_410:prefill-heavy:0:60
+  block_main_b4_85:prefill-heavy:1:40 vanilla_160:prefill-heavy:0:60
   block_main_b4_85:decode-heavy:0:60 vanilla_160:decode-heavy:0:90"}
 if want table1; then
   echo "== Table 1 settings"
@@ -99,7 +99,7 @@ if want profile; then
     IFS=: read -r m p n b <<<"$r"
     echo "-- $m $p+$n batch $b"
     BLOCKFORMER_PROFILE=1 timeout "$(left 40)" "$B" bench --device cuda --dtype bf16 --preset "$m" \
-      --prompt-len "$p" --new-tokens "$n" --batch-size "$b" --runs 1 --warmup 0 --sync-split \
+      --prompt-len "$p" --new-tokens "$n" --batch-size "$b" --runs 1 --warmup 1 --sync-split \
       >"$OUT/profile-$m-$p-$n.txt" 2>&1
     echo "exit $?" >>"$OUT/profile-$m-$p-$n.txt"
     grep -A12 "^device-time profile" "$OUT/profile-$m-$p-$n.txt"

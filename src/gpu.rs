@@ -105,6 +105,13 @@ pub fn section<R>(name: &'static str, dev: &Device, f: impl FnOnce() -> R) -> R 
     r
 }
 
+/// Empties the device-time profile (e.g. after warm-up runs).
+pub fn profile_reset() {
+    if let Some(Ok(mut p)) = profile().map(|p| p.lock()) {
+        p.clear();
+    }
+}
+
 /// The device-time profile as a table (`None` unless `BLOCKFORMER_PROFILE` is set).
 pub fn profile_report() -> Option<String> {
     let p = profile()?.lock().ok()?;

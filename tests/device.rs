@@ -337,12 +337,7 @@ fn masked_softmax_equals_its_composed_twin_on_the_test_device() {
             let got = masked_softmax(&s, &limit, 0.125).unwrap();
             let want = reference(&s, &limit, 0.125).unwrap();
             assert_eq!(got.dtype(), dt);
-            let (got, want) = (to_f32(&got), to_f32(&want));
-            let diff = got
-                .iter()
-                .zip(&want)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0f32, f32::max);
+            let diff = max_tensor_diff(&got, &want);
             let tol = if dt == DType::F32 { 1e-5 } else { 1e-2 };
             println!(
                 "masked softmax {span}x{heads}x{n_q}x{t} {dt:?} on {dev:?}: max |diff| {diff}"
@@ -380,12 +375,7 @@ fn decode_attention_equals_its_composed_twin_on_the_test_device() {
             let want = decode_reference(&q, &k, &v, lo, &limit, scale).unwrap();
             assert_eq!(got.dims(), &[span, heads, 1, hd]);
             assert_eq!(got.dtype(), dt);
-            let (got, want) = (to_f32(&got), to_f32(&want));
-            let diff = got
-                .iter()
-                .zip(&want)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0f32, f32::max);
+            let diff = max_tensor_diff(&got, &want);
             println!("decode attention head_dim {hd} {dt:?} on {dev:?}: max |diff| {diff}");
             assert!(diff <= tol, "head_dim {hd} {dt:?}: max |diff| {diff}");
         }
@@ -427,4 +417,52 @@ fn tensor_path_with_the_decode_kernel_equals_the_host_engine() {
         }
         println!("{name}: tensor path with the decode kernel on {dev:?} = host engine");
     }
+}
+
+/// The tensor path's QKV split with rotary (a CUDA kernel on a GPU) equals its composed twin
+/// (per-head views, candle's rope, concatenation) for partial, full and no rotary dims, in
+/// every dtype.
+#[test]
+fn qkv_rotary_equals_its_composed_twin_on_the_test_device() {
+    use blockformer::kernels::pool_attention::{qkv_rotary, qkv_rotary_reference};
+    use candle_core::Tensor;
+    let dev = test_device();
+    // (positions, heads, head_dim, rotary dims)
+    for (n, heads, hd, rd) in [
+        (37, 3, 64, 16),
+        (5, 2, 32, 32),
+        (9, 4, 16, 0),
+        (300, 2, 128, 32),
+    ] {
+        let qkv = Tensor::randn(0f32, 1.0, (n, heads * 3 * hd), &dev).unwrap();
+        let angles = Tensor::rand(0f32, std::f32::consts::TAU, (n, rd / 2), &dev).unwrap();
+        let (cos, sin) = (angles.cos().unwrap(), angles.sin().unwrap());
+        // 16-bit: the composed rope rounds after each product; up to two steps of the type at |x| < 8.
+        for (dt, tol) in [
+            (DType::F32, 1e-6),
+            (DType::BF16, 6.25e-2),
+            (DType::F16, 8e-3),
+        ] {
+            let (x, c, s) = (
+                qkv.to_dtype(dt).unwrap(),
+                cos.to_dtype(dt).unwrap(),
+                sin.to_dtype(dt).unwrap(),
+            );
+            let got = qkv_rotary(&x, &c, &s, heads, rd).unwrap();
+            let want = qkv_rotary_reference(&x, &c, &s, heads, rd).unwrap();
+            assert_eq!(got.dims(), &[3, heads, n, hd]);
+            let diff = max_tensor_diff(&got, &want);
+            println!("qkv rotary {n}x{heads}x{hd} rd {rd} {dt:?} on {dev:?}: max |diff| {diff}");
+            assert!(
+                diff <= tol,
+                "{n}x{heads}x{hd} rd {rd} {dt:?}: max |diff| {diff}"
+            );
+        }
+    }
+}
+
+/// Largest elementwise difference of two tensors of one shape, in float32.
+fn max_tensor_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims());
+    max_abs_diff(&to_f32(a), &to_f32(b))
 }

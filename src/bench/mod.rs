@@ -643,6 +643,8 @@ fn measure(
             t.elapsed().as_secs_f64()
         ));
     }
+    // The device-time profile (BLOCKFORMER_PROFILE) covers the timed runs.
+    crate::gpu::profile_reset();
     let mut runs = Vec::new();
     let mut timed = 0.0;
     let fixed_runs = spec.runs.max(1);

@@ -524,7 +524,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         print!("{}", report::text(&rep));
     }
     if let Some(p) = blockformer::gpu::profile_report() {
-        eprintln!("device-time profile (BLOCKFORMER_PROFILE; all runs, warm-ups included):\n{p}");
+        eprintln!(
+            "device-time profile (BLOCKFORMER_PROFILE; the last measurement's timed runs):\n{p}"
+        );
     }
     Ok(())
 }

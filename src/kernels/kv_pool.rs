@@ -8,7 +8,9 @@
 //! matmuls over a strided view of the pool (slots `lo..=hi`, positions `0..T`).
 
 use super::attention::{Rotary, RowSpec};
-use super::pool_attention::{decode_attention, decode_supported, masked_softmax, reference};
+use super::pool_attention::{
+    decode_attention, decode_supported, fused_kernels, masked_softmax, reference,
+};
 use crate::gpu::section;
 use candle_core::{DType, Device, Tensor};
 use std::sync::{Arc, Mutex};
@@ -311,14 +313,6 @@ impl PoolStep {
             gather: Tensor::from_vec(gather, n, dev)?,
         })
     }
-}
-
-/// Whether the pool's attention uses its fused kernels ([`decode_attention`], [`masked_softmax`]):
-/// yes unless `BLOCKFORMER_POOL_KERNELS=0`, which selects their composed twins (to compare the
-/// two on a device).
-fn fused_kernels() -> bool {
-    static FUSED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *FUSED.get_or_init(|| std::env::var("BLOCKFORMER_POOL_KERNELS").as_deref() != Ok("0"))
 }
 
 /// One layer of cached attention on a pool.

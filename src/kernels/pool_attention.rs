@@ -10,9 +10,20 @@
 //!   tensor): each key and value row up to the slot's limit is read once, with an online
 //!   softmax in float32 ([`decode_reference`]: the two batched matmuls around
 //!   [`reference`]).
+//! - [`qkv_rotary`]: a layer's QKV projection to per-head queries, keys and values with the
+//!   rotary embedding applied, one read and one write of each element
+//!   ([`qkv_rotary_reference`]: transposes, narrows, candle's rope and a concatenation, each a
+//!   copy of its own).
 
 use candle_core::{CpuStorage, DType, Layout, Shape, Storage, Tensor, WithDType};
 use rayon::prelude::*;
+
+/// Whether the tensor path uses these fused kernels: yes unless `BLOCKFORMER_POOL_KERNELS=0`,
+/// which selects their composed twins (to compare the two on a device).
+pub fn fused_kernels() -> bool {
+    static FUSED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *FUSED.get_or_init(|| std::env::var("BLOCKFORMER_POOL_KERNELS").as_deref() != Ok("0"))
+}
 
 #[cfg(feature = "cuda")]
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/attention.ptx"));
@@ -395,6 +406,200 @@ impl candle_core::CustomOp3 for DecodeAttention {
             _ => candle_core::bail!("decode_attention: q and pools must share f32, bf16 or f16"),
         };
         Ok((out, l1.shape().clone()))
+    }
+}
+
+/// Queries, keys and values `[3, heads, N, hd]` (contiguous) from a layer's QKV projection
+/// `qkv` `[N, heads * 3 hd]` (per head: query, key, value), the first `rd` dims of queries and
+/// keys rotated GPT-NeoX style by `cos`/`sin` `[N, rd/2]`; arithmetic in float32.
+pub fn qkv_rotary(
+    qkv: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    heads: usize,
+    rd: usize,
+) -> candle_core::Result<Tensor> {
+    let (n, w3) = qkv.dims2()?;
+    let hd = w3 / (3 * heads);
+    if hd * 3 * heads != w3 || rd > hd || !rd.is_multiple_of(2) || cos.dims() != [n, rd / 2] {
+        candle_core::bail!(
+            "qkv_rotary: qkv {:?}, cos {:?}, {heads} heads, {rd} rotary dims: expected \
+             [N, heads * 3 head_dim] and [N, rd / 2] with rd even and at most head_dim",
+            qkv.shape(),
+            cos.shape()
+        );
+    }
+    let op = QkvRotary { heads, hd, rd };
+    qkv.contiguous()?
+        .apply_op3_no_bwd(&cos.contiguous()?, &sin.contiguous()?, &op)
+}
+
+/// The composed twin of [`qkv_rotary`]: per-head views of the projection, candle's rope on the
+/// first `rd` dims of queries and keys, joined back to the full head.
+pub fn qkv_rotary_reference(
+    qkv: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    heads: usize,
+    rd: usize,
+) -> candle_core::Result<Tensor> {
+    let (n, w3) = qkv.dims2()?;
+    let hd = w3 / (3 * heads);
+    let qkv = qkv.reshape((n, heads, 3 * hd))?.transpose(0, 1)?; // [heads, N, 3hd]
+    let rotate = |z: Tensor| -> candle_core::Result<Tensor> {
+        if rd == 0 {
+            return z.contiguous();
+        }
+        let zr = z.narrow(2, 0, rd)?.contiguous()?.unsqueeze(0)?; // [1, heads, N, rd]
+        let r = candle_nn::rotary_emb::rope(&zr, cos, sin)?.squeeze(0)?;
+        if rd == hd {
+            Ok(r)
+        } else {
+            Tensor::cat(&[&r, &z.narrow(2, rd, hd - rd)?], 2)?.contiguous()
+        }
+    };
+    let q = rotate(qkv.narrow(2, 0, hd)?)?;
+    let k = rotate(qkv.narrow(2, hd, hd)?)?;
+    let v = qkv.narrow(2, 2 * hd, hd)?.contiguous()?;
+    Tensor::stack(&[q, k, v], 0)
+}
+
+struct QkvRotary {
+    heads: usize,
+    hd: usize,
+    rd: usize,
+}
+
+impl QkvRotary {
+    fn cpu<T: WithDType>(&self, qkv: &[T], cos: &[T], sin: &[T]) -> Vec<T> {
+        let (heads, hd, rd) = (self.heads, self.hd, self.rd);
+        let n = qkv.len() / (3 * heads * hd);
+        let half = rd / 2;
+        let f = |x: T| x.to_f64() as f32;
+        let mut out = vec![T::zero(); qkv.len()];
+        out.par_chunks_mut(hd).enumerate().for_each(|(r, o)| {
+            let (ph, pos) = (r / n, r % n);
+            let (part, h) = (ph / heads, ph % heads);
+            let src = &qkv[(pos * heads + h) * 3 * hd + part * hd..][..hd];
+            for (d, od) in o.iter_mut().enumerate() {
+                let mut x = f(src[d]);
+                if part < 2 && d < rd {
+                    let j = if d < half { d } else { d - half };
+                    let (c, s) = (f(cos[pos * half + j]), f(sin[pos * half + j]));
+                    x = if d < half {
+                        x * c - f(src[d + half]) * s
+                    } else {
+                        x * c + f(src[d - half]) * s
+                    };
+                }
+                *od = T::from_f64(x as f64);
+            }
+        });
+        out
+    }
+}
+
+impl candle_core::CustomOp3 for QkvRotary {
+    fn name(&self) -> &'static str {
+        "qkv-rotary"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let ((a1, b1), (a2, b2), (a3, b3)) =
+            (range(l1, "qkv")?, range(l2, "cos")?, range(l3, "sin")?);
+        let out = match (s1, s2, s3) {
+            (CpuStorage::F32(x), CpuStorage::F32(c), CpuStorage::F32(s)) => {
+                CpuStorage::F32(self.cpu(&x[a1..b1], &c[a2..b2], &s[a3..b3]))
+            }
+            (CpuStorage::BF16(x), CpuStorage::BF16(c), CpuStorage::BF16(s)) => {
+                CpuStorage::BF16(self.cpu(&x[a1..b1], &c[a2..b2], &s[a3..b3]))
+            }
+            (CpuStorage::F16(x), CpuStorage::F16(c), CpuStorage::F16(s)) => {
+                CpuStorage::F16(self.cpu(&x[a1..b1], &c[a2..b2], &s[a3..b3]))
+            }
+            _ => candle_core::bail!("qkv_rotary: qkv, cos and sin must share f32, bf16 or f16"),
+        };
+        Ok((out, self.shape(l1)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+        use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
+        use candle_core::CudaStorage;
+
+        let ((a1, b1), (a2, b2), (a3, b3)) =
+            (range(l1, "qkv")?, range(l2, "cos")?, range(l3, "sin")?);
+        let dev = s1.device.clone();
+        let n = (b1 - a1) / (3 * self.heads * self.hd);
+        let per_part = (n * self.hd) as u32;
+        let cfg = LaunchConfig {
+            grid_dim: (
+                per_part.div_ceil(256).clamp(1, 4096),
+                3 * self.heads as u32,
+                1,
+            ),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (n32, heads, hd, rd) = (n as u32, self.heads as u32, self.hd as u32, self.rd as u32);
+        macro_rules! launch {
+            ($ty:ty, $name:literal, $x:expr, $c:expr, $s:expr) => {{
+                let (x, c, s) = ($x.slice(a1..b1), $c.slice(a2..b2), $s.slice(a3..b3));
+                let func = dev.get_or_load_custom_func($name, "blockformer_attention", PTX)?;
+                // SAFETY: every element is written by the kernel.
+                let out = unsafe { dev.alloc::<$ty>(b1 - a1) }?;
+                let mut builder = func.builder();
+                builder.arg(&x);
+                builder.arg(&c);
+                builder.arg(&s);
+                builder.arg(&out);
+                builder.arg(&n32);
+                builder.arg(&heads);
+                builder.arg(&hd);
+                builder.arg(&rd);
+                // SAFETY: the argument list matches the kernel's signature.
+                unsafe { builder.launch(cfg) }.w()?;
+                CudaStorage::wrap_cuda_slice(out, dev.clone())
+            }};
+        }
+        let out = match (&s1.slice, &s2.slice, &s3.slice) {
+            (CudaStorageSlice::F32(x), CudaStorageSlice::F32(c), CudaStorageSlice::F32(s)) => {
+                launch!(f32, "qkv_rotary_f32", x, c, s)
+            }
+            (CudaStorageSlice::BF16(x), CudaStorageSlice::BF16(c), CudaStorageSlice::BF16(s)) => {
+                launch!(half::bf16, "qkv_rotary_bf16", x, c, s)
+            }
+            (CudaStorageSlice::F16(x), CudaStorageSlice::F16(c), CudaStorageSlice::F16(s)) => {
+                launch!(half::f16, "qkv_rotary_f16", x, c, s)
+            }
+            _ => candle_core::bail!("qkv_rotary: qkv, cos and sin must share f32, bf16 or f16"),
+        };
+        Ok((out, self.shape(l1)))
+    }
+}
+
+impl QkvRotary {
+    /// `[3, heads, N, hd]` for a projection of layout `l`.
+    fn shape(&self, l: &Layout) -> Shape {
+        let n = l.shape().elem_count() / (3 * self.heads * self.hd);
+        Shape::from((3, self.heads, n, self.hd))
     }
 }
 

@@ -24,6 +24,7 @@ use crate::gpu::section;
 use crate::kernels::attention::{self, KvCache, KvDtype, Rotary, RowSpec};
 use crate::kernels::kv_pool::{self, KvPool, PoolStep};
 use crate::kernels::panel::{self, Epilogue, Panels};
+use crate::kernels::pool_attention;
 use crate::kernels::train_attention::CausalAttentionOp;
 use crate::kernels::{matmul, ops, zeroed};
 use candle_core::{DType, Device, Tensor, D};
@@ -893,42 +894,28 @@ impl NeoX {
         pool: &KvPool,
         step: &PoolStep,
     ) -> Result<Tensor> {
-        let (n, _) = x.dims2()?;
-        let (nh, hd) = self.heads();
+        let (nh, _) = self.heads();
         let dev = x.device();
-        let qkv = section("layer norm + qkv", dev, || -> Result<Tensor> {
-            let a = layer.input_layernorm.forward_fused(x)?;
-            Ok(layer
+        // [N, nh * 3hd]
+        let qkv = section("layer norm + qkv", dev, || {
+            layer
                 .query_key_value
-                .forward(&a)?
-                .reshape((n, nh, 3 * hd))?
-                .transpose(0, 1)?) // [nh, N, 3hd]
+                .forward(&layer.input_layernorm.forward_fused(x)?)
         })?;
-        let (q, k, v) = section("rotary", dev, || -> Result<_> {
-            let q = self.rotate(&qkv.narrow(2, 0, hd)?, step)?;
-            let k = self.rotate(&qkv.narrow(2, hd, hd)?, step)?;
-            Ok((q, k, qkv.narrow(2, 2 * hd, hd)?.contiguous()?))
+        // [3, nh, N, hd]: queries and keys rotated, values.
+        let qkv = section("rotary", dev, || {
+            let (rd, cos, sin) = (self.rotary.dims, &step.cos, &step.sin);
+            if pool_attention::fused_kernels() {
+                pool_attention::qkv_rotary(&qkv, cos, sin, nh, rd)
+            } else {
+                pool_attention::qkv_rotary_reference(&qkv, cos, sin, nh, rd)
+            }
         })?;
+        let (q, k, v) = (qkv.get(0)?, qkv.get(1)?, qkv.get(2)?);
         let o = kv_pool::pooled_attention(pool, li, step, &q, &k, &v)?; // [N, W]
         section("dense + mlp", dev, || {
             self.residual_and_mlp(layer, x, &o, LayerNorm::forward_fused)
         })
-    }
-
-    /// Rotary on the first `rd` dims of `z [nh, N, hd]` at the step's positions.
-    fn rotate(&self, z: &Tensor, step: &PoolStep) -> Result<Tensor> {
-        let rd = self.rotary.dims;
-        let hd = z.dim(2)?;
-        if rd == 0 {
-            return Ok(z.contiguous()?);
-        }
-        let zr = z.narrow(2, 0, rd)?.contiguous()?.unsqueeze(0)?; // [1, nh, N, rd]
-        let r = candle_nn::rotary_emb::rope(&zr, &step.cos, &step.sin)?.squeeze(0)?;
-        if rd == hd {
-            Ok(r)
-        } else {
-            Ok(Tensor::cat(&[&r, &z.narrow(2, rd, hd - rd)?], 2)?.contiguous()?)
-        }
     }
 
     /// `m = gelu(a W_1 + b_1)`.

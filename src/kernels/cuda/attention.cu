@@ -165,3 +165,36 @@ DECODE_ATTENTION(decode_attention_bf16_128, __nv_bfloat16, 4)
 DECODE_ATTENTION(decode_attention_f16_32, __half, 1)
 DECODE_ATTENTION(decode_attention_f16_64, __half, 2)
 DECODE_ATTENTION(decode_attention_f16_128, __half, 4)
+
+// The attention inputs of one layer from its QKV projection in one pass: qkv [n, heads, 3 hd]
+// (per head: query, key, value) -> out [3, heads, n, hd] (queries, keys, values), the first
+// `rd` dims of queries and keys rotated (GPT-NeoX: pairs (i, i + rd/2), angles cos/sin
+// [n, rd/2]), in float32. grid.y = 3 * heads; x covers (position, element).
+template <typename T>
+__device__ void qkv_rotary(const T *qkv, const T *cos, const T *sin, T *out, uint32_t n,
+                           uint32_t heads, uint32_t hd, uint32_t rd) {
+  const uint32_t ph = blockIdx.y;  // part * heads + h
+  const uint32_t part = ph / heads, h = ph % heads, half = rd / 2;
+  const uint32_t count = n * hd;
+  for (uint32_t i = blockIdx.x * blockDim.x + threadIdx.x; i < count; i += gridDim.x * blockDim.x) {
+    const uint32_t pos = i / hd, d = i % hd;
+    const T *src = qkv + ((size_t)pos * heads + h) * 3 * hd + (size_t)part * hd;
+    float x = to_f32(src[d]);
+    if (part < 2 && d < rd) {
+      const uint32_t j = d < half ? d : d - half;
+      const float c = to_f32(cos[(size_t)pos * half + j]);
+      const float s = to_f32(sin[(size_t)pos * half + j]);
+      x = d < half ? x * c - to_f32(src[d + half]) * s : x * c + to_f32(src[d - half]) * s;
+    }
+    out[((size_t)ph * n + pos) * hd + d] = from_f32<T>(x);
+  }
+}
+
+#define QKV_ROTARY(NAME, T)                                                                  \
+  extern "C" __global__ void NAME(const T *qkv, const T *cos, const T *sin, T *out,         \
+                                  uint32_t n, uint32_t heads, uint32_t hd, uint32_t rd) {   \
+    qkv_rotary<T>(qkv, cos, sin, out, n, heads, hd, rd);                                     \
+  }
+QKV_ROTARY(qkv_rotary_f32, float)
+QKV_ROTARY(qkv_rotary_bf16, __nv_bfloat16)
+QKV_ROTARY(qkv_rotary_f16, __half)
