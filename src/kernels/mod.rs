@@ -1,5 +1,6 @@
-//! Hot CPU kernels, kept apart from the model code. Each has a plain reference twin and a test
-//! comparing the two. `kv_pool` holds the KV caches of the tensor (GPU) decode path.
+//! Hot kernels, kept apart from the model code. Each has a plain reference twin and a test
+//! comparing the two. `kv_pool` holds the KV caches of the tensor (GPU) decode path and
+//! `pool_attention` its fused attention ops (CUDA kernels in `cuda/attention.cu`).
 
 pub mod attention;
 pub mod kv_pool;

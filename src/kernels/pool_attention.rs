@@ -25,6 +25,17 @@ pub fn fused_kernels() -> bool {
     *FUSED.get_or_init(|| std::env::var("BLOCKFORMER_POOL_KERNELS").as_deref() != Ok("0"))
 }
 
+/// Whether layers take their queries, keys and values from [`qkv_rotary`]: only with
+/// `BLOCKFORMER_QKV_ROTARY=1` (and the fused kernels on) until its CUDA kernel has been checked
+/// on a GPU (scripts/gpu-check.sh sets it, and drops it when tests/device.rs fails there);
+/// otherwise [`qkv_rotary_reference`].
+pub fn fused_rotary() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| {
+        fused_kernels() && std::env::var("BLOCKFORMER_QKV_ROTARY").as_deref() == Ok("1")
+    })
+}
+
 #[cfg(feature = "cuda")]
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/attention.ptx"));
 
