@@ -384,7 +384,8 @@ fn decode_attention_equals_its_composed_twin_on_the_test_device() {
 
 /// Models whose head size the decode kernel takes (32: `block_main_b4_5`, 64: `vanilla_70`),
 /// with random weights: the tensor path on the test device generates what the host engine
-/// does, rows joining and leaving.
+/// does, rows joining and leaving (on the CPU through the composed ops, or the kernels' plain
+/// loops with `BLOCKFORMER_POOL_KERNELS=1`).
 #[test]
 fn tensor_path_with_the_decode_kernel_equals_the_host_engine() {
     let dev = test_device();

@@ -362,7 +362,7 @@ pub fn pooled_attention(
     })?;
     section("attention", dev, || -> candle_core::Result<Tensor> {
         let scale = 1.0 / (hd as f32).sqrt();
-        let fused = fused_kernels();
+        let fused = fused_kernels(dev);
         let mut outs = Vec::with_capacity(step.groups.len());
         for g in &step.groups {
             let qg = q

@@ -18,22 +18,30 @@
 use candle_core::{CpuStorage, DType, Layout, Shape, Storage, Tensor, WithDType};
 use rayon::prelude::*;
 
-/// Whether the tensor path uses these fused kernels: yes unless `BLOCKFORMER_POOL_KERNELS=0`,
-/// which selects their composed twins (to compare the two on a device).
-pub fn fused_kernels() -> bool {
-    static FUSED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *FUSED.get_or_init(|| std::env::var("BLOCKFORMER_POOL_KERNELS").as_deref() != Ok("0"))
+/// Whether the tensor path on `dev` uses these fused ops: on a GPU, unless
+/// `BLOCKFORMER_POOL_KERNELS=0` (their composed twins, to compare the two on a device). On the
+/// CPU (the tensor path of non-float32 models) the composed ops are faster than the plain loops,
+/// which `BLOCKFORMER_POOL_KERNELS=1` selects there too (to check them inside the engine).
+pub fn fused_kernels(dev: &candle_core::Device) -> bool {
+    static MODE: std::sync::OnceLock<Option<bool>> = std::sync::OnceLock::new();
+    let mode = MODE.get_or_init(
+        || match std::env::var("BLOCKFORMER_POOL_KERNELS").as_deref() {
+            Ok("0") => Some(false),
+            Ok("1") => Some(true),
+            _ => None,
+        },
+    );
+    mode.unwrap_or(!dev.is_cpu())
 }
 
 /// Whether layers take their queries, keys and values from [`qkv_rotary`]: only with
-/// `BLOCKFORMER_QKV_ROTARY=1` (and the fused kernels on) until its CUDA kernel has been checked
-/// on a GPU (scripts/gpu-check.sh sets it, and drops it when tests/device.rs fails there);
-/// otherwise [`qkv_rotary_reference`].
-pub fn fused_rotary() -> bool {
+/// `BLOCKFORMER_QKV_ROTARY=1` (and the fused ops on) until its CUDA kernel has been checked on a
+/// GPU (scripts/gpu-check.sh sets it, and drops it when tests/device.rs fails there); otherwise
+/// [`qkv_rotary_reference`].
+pub fn fused_rotary(dev: &candle_core::Device) -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| {
-        fused_kernels() && std::env::var("BLOCKFORMER_QKV_ROTARY").as_deref() == Ok("1")
-    })
+    fused_kernels(dev)
+        && *ON.get_or_init(|| std::env::var("BLOCKFORMER_QKV_ROTARY").as_deref() == Ok("1"))
 }
 
 #[cfg(feature = "cuda")]

@@ -905,7 +905,7 @@ impl NeoX {
         // [3, nh, N, hd]: queries and keys rotated, values.
         let qkv = section("rotary", dev, || {
             let (rd, cos, sin) = (self.rotary.dims, &step.cos, &step.sin);
-            if pool_attention::fused_rotary() {
+            if pool_attention::fused_rotary(dev) {
                 pool_attention::qkv_rotary(&qkv, cos, sin, nh, rd)
             } else {
                 pool_attention::qkv_rotary_reference(&qkv, cos, sin, nh, rd)
