@@ -1,4 +1,5 @@
-//! Opening a CUDA device the way the engine needs it.
+//! Devices for the tensor path: opening a CUDA device the way the engine needs it, and a
+//! device-time profile of the decoder layers' sections ([`section`], `BLOCKFORMER_PROFILE`).
 //!
 //! candle allocates every op's output with CUDA's stream-ordered allocator (`cuMemAllocAsync`)
 //! from the device's default memory pool. That pool's release threshold is 0 by default: at
