@@ -435,6 +435,10 @@ fn qkv_rotary_equals_its_composed_twin_on_the_test_device() {
         (9, 4, 16, 0),
         (300, 2, 128, 32),
     ] {
+        if rd == 0 && !dev.is_cpu() {
+            // candle cannot allocate the empty cos/sin tensors on CUDA (CUDA_ERROR_INVALID_VALUE).
+            continue;
+        }
         let qkv = Tensor::randn(0f32, 1.0, (n, heads * 3 * hd), &dev).unwrap();
         let angles = Tensor::rand(0f32, std::f32::consts::TAU, (n, rd / 2), &dev).unwrap();
         let (cos, sin) = (angles.cos().unwrap(), angles.sin().unwrap());

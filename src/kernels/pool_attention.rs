@@ -35,9 +35,9 @@ pub fn fused_kernels(dev: &candle_core::Device) -> bool {
 }
 
 /// Whether layers take their queries, keys and values from [`qkv_rotary`]: only with
-/// `BLOCKFORMER_QKV_ROTARY=1` (and the fused ops on) until its CUDA kernel has been checked on a
-/// GPU (scripts/gpu-check.sh sets it, and drops it when tests/device.rs fails there); otherwise
-/// [`qkv_rotary_reference`].
+/// `BLOCKFORMER_QKV_ROTARY=1` (and the fused ops on) until its CUDA kernel, checked on an H100 by
+/// tests/device.rs, has been timed there (scripts/gpu-check.sh sets it, and drops it when the
+/// tests fail); otherwise [`qkv_rotary_reference`].
 pub fn fused_rotary(dev: &candle_core::Device) -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     fused_kernels(dev)
