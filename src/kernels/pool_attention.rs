@@ -15,6 +15,7 @@
 //!   ([`qkv_rotary_reference`]: transposes, narrows, candle's rope and a concatenation, each a
 //!   copy of its own).
 
+use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, DType, Layout, Shape, Storage, Tensor, WithDType};
 use rayon::prelude::*;
 
@@ -46,6 +47,65 @@ pub fn fused_rotary(dev: &candle_core::Device) -> bool {
 
 #[cfg(feature = "cuda")]
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/attention.ptx"));
+
+/// Runs `$body` with `$T` the element type of float dtype `$dt` (f32, bf16, f16); other dtypes
+/// are an error naming op `$op`.
+macro_rules! by_float_dtype {
+    ($dt:expr, $op:literal, $T:ident => $body:expr) => {
+        match $dt {
+            DType::F32 => {
+                type $T = f32;
+                $body
+            }
+            DType::BF16 => {
+                type $T = half::bf16;
+                $body
+            }
+            DType::F16 => {
+                type $T = half::f16;
+                $body
+            }
+            other => candle_core::bail!("{}: {other:?} tensors, expected f32, bf16 or f16", $op),
+        }
+    };
+}
+
+/// The contiguous range of an input's elements, or an error naming op and input.
+fn range(l: &Layout, op: &str, what: &str) -> candle_core::Result<(usize, usize)> {
+    l.contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg(format!("{op}: {what} not contiguous")))
+}
+
+/// An element type the kernels take (f32, bf16, f16) as candle's CUDA storage holds it.
+#[cfg(feature = "cuda")]
+trait KernelElem:
+    WithDType + candle_core::cuda_backend::CudaDType + cudarc::driver::DeviceRepr
+{
+}
+#[cfg(feature = "cuda")]
+impl<T: WithDType + candle_core::cuda_backend::CudaDType + cudarc::driver::DeviceRepr> KernelElem
+    for T
+{
+}
+
+/// The name of kernel `op` for elements of `dt` in src/kernels/cuda/attention.cu.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))] // used by the CUDA build and the tests
+fn kernel_name(op: &str, dt: DType) -> String {
+    format!("{op}_{}", dt.as_str())
+}
+
+/// Kernel `op` for element type `T` ([`kernel_name`]) from the PTX module; launched on the
+/// device's stream (`dev.cuda_stream().launch_builder`).
+#[cfg(feature = "cuda")]
+fn kernel<T: WithDType>(
+    dev: &candle_core::CudaDevice,
+    op: &str,
+) -> candle_core::Result<cudarc::driver::CudaFunction> {
+    let name = kernel_name(op, T::DTYPE);
+    Ok(dev
+        .get_or_load_custom_func(&name, "blockformer_attention", PTX)?
+        .into_cuda_function())
+}
 
 /// `softmax(scale * scores + mask)` over the last axis, in float32, returned in the scores'
 /// dtype: `scores` `[span, heads, n_q, t]`, `limit` (u32) `[span, .., n_q, ..]` holding the last
@@ -126,20 +186,12 @@ impl candle_core::CustomOp2 for MaskedSoftmax {
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let t = l1.shape().dims().last().copied().unwrap_or(1);
-        let (Some((a, b)), Some((c, d))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
-        else {
-            candle_core::bail!("masked_softmax: inputs must be contiguous");
-        };
-        let CpuStorage::U32(limit) = s2 else {
-            candle_core::bail!("masked_softmax: limit must be u32");
-        };
-        let limit = &limit[c..d];
-        let out = match s1 {
-            CpuStorage::F32(x) => CpuStorage::F32(self.cpu(&x[a..b], limit, t)),
-            CpuStorage::BF16(x) => CpuStorage::BF16(self.cpu(&x[a..b], limit, t)),
-            CpuStorage::F16(x) => CpuStorage::F16(self.cpu(&x[a..b], limit, t)),
-            _ => candle_core::bail!("masked_softmax: scores must be f32, bf16 or f16"),
-        };
+        let (a, b) = range(l1, "masked_softmax", "scores")?;
+        let (c, d) = range(l2, "masked_softmax", "limit")?;
+        let limit = &s2.as_slice::<u32>()?[c..d];
+        let out = by_float_dtype!(s1.dtype(), "masked_softmax", T => {
+            T::to_cpu_storage_owned(self.cpu(&s1.as_slice::<T>()?[a..b], limit, t))
+        });
         Ok((out, l1.shape().clone()))
     }
 
@@ -151,52 +203,53 @@ impl candle_core::CustomOp2 for MaskedSoftmax {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let out =
+            by_float_dtype!(s1.dtype(), "masked_softmax", T => self.launch::<T>(s1, l1, s2, l2)?);
+        Ok((out, l1.shape().clone()))
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl MaskedSoftmax {
+    fn launch<T: KernelElem>(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<candle_core::CudaStorage> {
         use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
-        use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
-        use candle_core::CudaStorage;
+        use candle_core::cuda_backend::WrapErr;
 
         let t = l1.shape().dims().last().copied().unwrap_or(1);
-        let (Some((a, b)), Some((c, d))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
-        else {
-            candle_core::bail!("masked_softmax: inputs must be contiguous");
-        };
-        let rows = (b - a) / t;
-        let dev = s1.device.clone();
+        let (a, b) = range(l1, "masked_softmax", "scores")?;
+        let (c, d) = range(l2, "masked_softmax", "limit")?;
+        let dev = &s1.device;
+        let x = s1.as_cuda_slice::<T>()?.slice(a..b);
         let limit = s2.as_cuda_slice::<u32>()?.slice(c..d);
         // One block per row; up to 256 threads, fewer for short rows.
         let threads = t.div_ceil(32).clamp(1, 8) as u32 * 32;
         let cfg = LaunchConfig {
-            grid_dim: (rows as u32, 1, 1),
+            grid_dim: (((b - a) / t) as u32, 1, 1),
             block_dim: (threads, 1, 1),
             shared_mem_bytes: 0,
         };
         let (t32, heads, n_q) = (t as u32, self.heads as u32, self.n_q as u32);
-        macro_rules! launch {
-            ($ty:ty, $name:literal, $x:expr) => {{
-                let x = $x.slice(a..b);
-                let func = dev.get_or_load_custom_func($name, "blockformer_attention", PTX)?;
-                // SAFETY: every element is written by the kernel.
-                let y = unsafe { dev.alloc::<$ty>(b - a) }?;
-                let mut builder = func.builder();
-                builder.arg(&x);
-                builder.arg(&limit);
-                builder.arg(&y);
-                builder.arg(&t32);
-                builder.arg(&heads);
-                builder.arg(&n_q);
-                builder.arg(&self.scale);
-                // SAFETY: the argument list matches the kernel's signature.
-                unsafe { builder.launch(cfg) }.w()?;
-                CudaStorage::wrap_cuda_slice(y, dev.clone())
-            }};
-        }
-        let out = match &s1.slice {
-            CudaStorageSlice::F32(x) => launch!(f32, "masked_softmax_f32", x),
-            CudaStorageSlice::BF16(x) => launch!(half::bf16, "masked_softmax_bf16", x),
-            CudaStorageSlice::F16(x) => launch!(half::f16, "masked_softmax_f16", x),
-            _ => candle_core::bail!("masked_softmax: scores must be f32, bf16 or f16"),
-        };
-        Ok((out, l1.shape().clone()))
+        let func = kernel::<T>(dev, "masked_softmax")?;
+        // SAFETY: every element is written by the kernel.
+        let y = unsafe { dev.alloc::<T>(b - a) }?;
+        let stream = dev.cuda_stream();
+        let mut builder = stream.launch_builder(&func);
+        builder.arg(&x);
+        builder.arg(&limit);
+        builder.arg(&y);
+        builder.arg(&t32);
+        builder.arg(&heads);
+        builder.arg(&n_q);
+        builder.arg(&self.scale);
+        // SAFETY: the argument list matches the kernel's signature.
+        unsafe { builder.launch(cfg) }.w()?;
+        Ok(T::wrap_cuda_slice(y, dev.clone()))
     }
 }
 
@@ -277,35 +330,30 @@ struct DecodeAttention {
 }
 
 impl DecodeAttention {
+    /// One (slot, head) at a time, keys and values read once, online softmax in float32.
     fn cpu<T: WithDType>(&self, q: &[T], k: &[T], v: &[T], limit: &[u32]) -> Vec<T> {
         let (heads, cap, hd) = (self.heads, self.cap, self.hd);
+        let f = |x: T| x.to_f64() as f32;
         let mut out = vec![T::zero(); q.len()];
         out.par_chunks_mut(hd).enumerate().for_each(|(b, o)| {
             let lim = (limit[b / heads] as usize).min(cap - 1);
             let base = (self.lo * heads + b) * cap * hd;
             let qv: Vec<f32> = q[b * hd..(b + 1) * hd]
                 .iter()
-                .map(|&x| x.to_f64() as f32 * self.scale)
+                .map(|&x| f(x) * self.scale)
                 .collect();
-            let row = |j: usize| &k[base + j * hd..base + (j + 1) * hd];
-            let scores: Vec<f32> = (0..=lim)
-                .map(|j| {
-                    qv.iter()
-                        .zip(row(j))
-                        .map(|(a, &b)| a * b.to_f64() as f32)
-                        .sum()
-                })
-                .collect();
-            let m = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
             let mut acc = vec![0f32; hd];
-            let mut l = 0f32;
-            for (j, &s) in scores.iter().enumerate() {
-                let p = (s - m).exp();
-                l += p;
-                let vr = &v[base + j * hd..base + (j + 1) * hd];
-                for (a, &x) in acc.iter_mut().zip(vr) {
-                    *a += p * x.to_f64() as f32;
+            let (mut m, mut l) = (f32::NEG_INFINITY, 0f32);
+            for j in 0..=lim {
+                let row = base + j * hd..base + (j + 1) * hd;
+                let s: f32 = qv.iter().zip(&k[row.clone()]).map(|(a, &x)| a * f(x)).sum();
+                let m_new = m.max(s);
+                let (corr, p) = ((m - m_new).exp(), (s - m_new).exp());
+                l = l * corr + p;
+                for (a, &x) in acc.iter_mut().zip(&v[row]) {
+                    *a = *a * corr + p * f(x);
                 }
+                m = m_new;
             }
             for (o, a) in o.iter_mut().zip(acc) {
                 *o = T::from_f64((a / l) as f64);
@@ -313,12 +361,13 @@ impl DecodeAttention {
         });
         out
     }
-}
 
-/// The contiguous range of a storage's elements, or an error naming the input.
-fn range(l: &Layout, what: &str) -> candle_core::Result<(usize, usize)> {
-    l.contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg(format!("decode_attention: {what} not contiguous")))
+    /// The limits' storage (a tensor of the op, not one of its inputs) and their range.
+    fn limit(&self) -> candle_core::Result<(candle_core::StorageRef<'_>, (usize, usize))> {
+        let (storage, l) = self.limit.storage_and_layout();
+        let r = range(l, "decode_attention", "limit")?;
+        Ok((storage, r))
+    }
 }
 
 impl candle_core::CustomOp3 for DecodeAttention {
@@ -335,26 +384,22 @@ impl candle_core::CustomOp3 for DecodeAttention {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let ((a1, b1), (a2, b2), (a3, b3)) =
-            (range(l1, "q")?, range(l2, "keys")?, range(l3, "values")?);
-        let (storage, ll) = self.limit.storage_and_layout();
-        let Storage::Cpu(CpuStorage::U32(limit)) = &*storage else {
-            candle_core::bail!("decode_attention: limit must be u32 on the CPU");
+        let op = "decode_attention";
+        let (r1, r2, r3) = (
+            range(l1, op, "q")?,
+            range(l2, op, "keys")?,
+            range(l3, op, "values")?,
+        );
+        let (storage, (la, lb)) = self.limit()?;
+        let Storage::Cpu(limit) = &*storage else {
+            candle_core::bail!("decode_attention: limit must be on the CPU");
         };
-        let (la, lb) = range(ll, "limit")?;
-        let limit = &limit[la..lb];
-        let out = match (s1, s2, s3) {
-            (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v)) => {
-                CpuStorage::F32(self.cpu(&q[a1..b1], &k[a2..b2], &v[a3..b3], limit))
-            }
-            (CpuStorage::BF16(q), CpuStorage::BF16(k), CpuStorage::BF16(v)) => {
-                CpuStorage::BF16(self.cpu(&q[a1..b1], &k[a2..b2], &v[a3..b3], limit))
-            }
-            (CpuStorage::F16(q), CpuStorage::F16(k), CpuStorage::F16(v)) => {
-                CpuStorage::F16(self.cpu(&q[a1..b1], &k[a2..b2], &v[a3..b3], limit))
-            }
-            _ => candle_core::bail!("decode_attention: q and pools must share f32, bf16 or f16"),
-        };
+        let limit = &limit.as_slice::<u32>()?[la..lb];
+        let out = by_float_dtype!(s1.dtype(), "decode_attention", T => {
+            let (q, k, v) = (s1.as_slice::<T>()?, s2.as_slice::<T>()?, s3.as_slice::<T>()?);
+            let y = self.cpu(&q[r1.0..r1.1], &k[r2.0..r2.1], &v[r3.0..r3.1], limit);
+            T::to_cpu_storage_owned(y)
+        });
         Ok((out, l1.shape().clone()))
     }
 
@@ -368,63 +413,63 @@ impl candle_core::CustomOp3 for DecodeAttention {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
-        use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
-        use candle_core::CudaStorage;
+        let out = by_float_dtype!(s1.dtype(), "decode_attention", T => {
+            self.launch::<T>((s1, l1), (s2, l2), (s3, l3))?
+        });
+        Ok((out, l1.shape().clone()))
+    }
+}
 
-        let ((a1, b1), (a2, b2), (a3, b3)) =
-            (range(l1, "q")?, range(l2, "keys")?, range(l3, "values")?);
-        let dev = s1.device.clone();
-        let (storage, ll) = self.limit.storage_and_layout();
+#[cfg(feature = "cuda")]
+impl DecodeAttention {
+    fn launch<T: KernelElem>(
+        &self,
+        (s1, l1): (&candle_core::CudaStorage, &Layout),
+        (s2, l2): (&candle_core::CudaStorage, &Layout),
+        (s3, l3): (&candle_core::CudaStorage, &Layout),
+    ) -> candle_core::Result<candle_core::CudaStorage> {
+        use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+        use candle_core::cuda_backend::WrapErr;
+
+        let op = "decode_attention";
+        let ((a1, b1), (a2, b2), (a3, b3)) = (
+            range(l1, op, "q")?,
+            range(l2, op, "keys")?,
+            range(l3, op, "values")?,
+        );
+        let dev = &s1.device;
+        let (storage, (la, lb)) = self.limit()?;
         let Storage::Cuda(limit) = &*storage else {
             candle_core::bail!("decode_attention: limit must be on the GPU");
         };
-        let (la, lb) = range(ll, "limit")?;
         let limit = limit.as_cuda_slice::<u32>()?.slice(la..lb);
-        let blocks = (b1 - a1) / self.hd; // span * heads
+        // The pools from slot `lo` on: block `s * heads + h` reads slot `lo + s`, head `h`.
         let first = self.lo * self.heads * self.cap * self.hd;
+        let q = s1.as_cuda_slice::<T>()?.slice(a1..b1);
+        let k = s2.as_cuda_slice::<T>()?.slice(a2 + first..b2);
+        let v = s3.as_cuda_slice::<T>()?.slice(a3 + first..b3);
         let cfg = LaunchConfig {
-            grid_dim: (blocks as u32, 1, 1),
+            grid_dim: (((b1 - a1) / self.hd) as u32, 1, 1), // span * heads
             block_dim: (128, 1, 1),
             shared_mem_bytes: 0,
         };
         let (heads, cap) = (self.heads as u32, self.cap as u32);
-        macro_rules! launch {
-            ($ty:ty, $dt:literal, $q:expr, $k:expr, $v:expr) => {{
-                let q = $q.slice(a1..b1);
-                let k = $k.slice(a2 + first..b2);
-                let v = $v.slice(a3 + first..b3);
-                let name = format!("decode_attention_{}_{}", $dt, self.hd);
-                let func = dev.get_or_load_custom_func(&name, "blockformer_attention", PTX)?;
-                // SAFETY: every element is written by the kernel.
-                let out = unsafe { dev.alloc::<$ty>(b1 - a1) }?;
-                let mut builder = func.builder();
-                builder.arg(&q);
-                builder.arg(&k);
-                builder.arg(&v);
-                builder.arg(&limit);
-                builder.arg(&out);
-                builder.arg(&heads);
-                builder.arg(&cap);
-                builder.arg(&self.scale);
-                // SAFETY: the argument list matches the kernel's signature.
-                unsafe { builder.launch(cfg) }.w()?;
-                CudaStorage::wrap_cuda_slice(out, dev.clone())
-            }};
-        }
-        let out = match (&s1.slice, &s2.slice, &s3.slice) {
-            (CudaStorageSlice::F32(q), CudaStorageSlice::F32(k), CudaStorageSlice::F32(v)) => {
-                launch!(f32, "f32", q, k, v)
-            }
-            (CudaStorageSlice::BF16(q), CudaStorageSlice::BF16(k), CudaStorageSlice::BF16(v)) => {
-                launch!(half::bf16, "bf16", q, k, v)
-            }
-            (CudaStorageSlice::F16(q), CudaStorageSlice::F16(k), CudaStorageSlice::F16(v)) => {
-                launch!(half::f16, "f16", q, k, v)
-            }
-            _ => candle_core::bail!("decode_attention: q and pools must share f32, bf16 or f16"),
-        };
-        Ok((out, l1.shape().clone()))
+        let func = kernel::<T>(dev, &format!("decode_attention_{}", self.hd))?;
+        // SAFETY: every element is written by the kernel.
+        let out = unsafe { dev.alloc::<T>(b1 - a1) }?;
+        let stream = dev.cuda_stream();
+        let mut builder = stream.launch_builder(&func);
+        builder.arg(&q);
+        builder.arg(&k);
+        builder.arg(&v);
+        builder.arg(&limit);
+        builder.arg(&out);
+        builder.arg(&heads);
+        builder.arg(&cap);
+        builder.arg(&self.scale);
+        // SAFETY: the argument list matches the kernel's signature.
+        unsafe { builder.launch(cfg) }.w()?;
+        Ok(T::wrap_cuda_slice(out, dev.clone()))
     }
 }
 
@@ -532,20 +577,16 @@ impl candle_core::CustomOp3 for QkvRotary {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let ((a1, b1), (a2, b2), (a3, b3)) =
-            (range(l1, "qkv")?, range(l2, "cos")?, range(l3, "sin")?);
-        let out = match (s1, s2, s3) {
-            (CpuStorage::F32(x), CpuStorage::F32(c), CpuStorage::F32(s)) => {
-                CpuStorage::F32(self.cpu(&x[a1..b1], &c[a2..b2], &s[a3..b3]))
-            }
-            (CpuStorage::BF16(x), CpuStorage::BF16(c), CpuStorage::BF16(s)) => {
-                CpuStorage::BF16(self.cpu(&x[a1..b1], &c[a2..b2], &s[a3..b3]))
-            }
-            (CpuStorage::F16(x), CpuStorage::F16(c), CpuStorage::F16(s)) => {
-                CpuStorage::F16(self.cpu(&x[a1..b1], &c[a2..b2], &s[a3..b3]))
-            }
-            _ => candle_core::bail!("qkv_rotary: qkv, cos and sin must share f32, bf16 or f16"),
-        };
+        let op = "qkv_rotary";
+        let (r1, r2, r3) = (
+            range(l1, op, "qkv")?,
+            range(l2, op, "cos")?,
+            range(l3, op, "sin")?,
+        );
+        let out = by_float_dtype!(s1.dtype(), "qkv_rotary", T => {
+            let (x, c, s) = (s1.as_slice::<T>()?, s2.as_slice::<T>()?, s3.as_slice::<T>()?);
+            T::to_cpu_storage_owned(self.cpu(&x[r1.0..r1.1], &c[r2.0..r2.1], &s[r3.0..r3.1]))
+        });
         Ok((out, self.shape(l1)))
     }
 
@@ -559,13 +600,34 @@ impl candle_core::CustomOp3 for QkvRotary {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
-        use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
-        use candle_core::CudaStorage;
+        let out = by_float_dtype!(s1.dtype(), "qkv_rotary", T => {
+            self.launch::<T>((s1, l1), (s2, l2), (s3, l3))?
+        });
+        Ok((out, self.shape(l1)))
+    }
+}
 
-        let ((a1, b1), (a2, b2), (a3, b3)) =
-            (range(l1, "qkv")?, range(l2, "cos")?, range(l3, "sin")?);
-        let dev = s1.device.clone();
+#[cfg(feature = "cuda")]
+impl QkvRotary {
+    fn launch<T: KernelElem>(
+        &self,
+        (s1, l1): (&candle_core::CudaStorage, &Layout),
+        (s2, l2): (&candle_core::CudaStorage, &Layout),
+        (s3, l3): (&candle_core::CudaStorage, &Layout),
+    ) -> candle_core::Result<candle_core::CudaStorage> {
+        use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+        use candle_core::cuda_backend::WrapErr;
+
+        let op = "qkv_rotary";
+        let ((a1, b1), (a2, b2), (a3, b3)) = (
+            range(l1, op, "qkv")?,
+            range(l2, op, "cos")?,
+            range(l3, op, "sin")?,
+        );
+        let dev = &s1.device;
+        let x = s1.as_cuda_slice::<T>()?.slice(a1..b1);
+        let c = s2.as_cuda_slice::<T>()?.slice(a2..b2);
+        let s = s3.as_cuda_slice::<T>()?.slice(a3..b3);
         let n = (b1 - a1) / (3 * self.heads * self.hd);
         let per_part = (n * self.hd) as u32;
         let cfg = LaunchConfig {
@@ -578,39 +640,22 @@ impl candle_core::CustomOp3 for QkvRotary {
             shared_mem_bytes: 0,
         };
         let (n32, heads, hd, rd) = (n as u32, self.heads as u32, self.hd as u32, self.rd as u32);
-        macro_rules! launch {
-            ($ty:ty, $name:literal, $x:expr, $c:expr, $s:expr) => {{
-                let (x, c, s) = ($x.slice(a1..b1), $c.slice(a2..b2), $s.slice(a3..b3));
-                let func = dev.get_or_load_custom_func($name, "blockformer_attention", PTX)?;
-                // SAFETY: every element is written by the kernel.
-                let out = unsafe { dev.alloc::<$ty>(b1 - a1) }?;
-                let mut builder = func.builder();
-                builder.arg(&x);
-                builder.arg(&c);
-                builder.arg(&s);
-                builder.arg(&out);
-                builder.arg(&n32);
-                builder.arg(&heads);
-                builder.arg(&hd);
-                builder.arg(&rd);
-                // SAFETY: the argument list matches the kernel's signature.
-                unsafe { builder.launch(cfg) }.w()?;
-                CudaStorage::wrap_cuda_slice(out, dev.clone())
-            }};
-        }
-        let out = match (&s1.slice, &s2.slice, &s3.slice) {
-            (CudaStorageSlice::F32(x), CudaStorageSlice::F32(c), CudaStorageSlice::F32(s)) => {
-                launch!(f32, "qkv_rotary_f32", x, c, s)
-            }
-            (CudaStorageSlice::BF16(x), CudaStorageSlice::BF16(c), CudaStorageSlice::BF16(s)) => {
-                launch!(half::bf16, "qkv_rotary_bf16", x, c, s)
-            }
-            (CudaStorageSlice::F16(x), CudaStorageSlice::F16(c), CudaStorageSlice::F16(s)) => {
-                launch!(half::f16, "qkv_rotary_f16", x, c, s)
-            }
-            _ => candle_core::bail!("qkv_rotary: qkv, cos and sin must share f32, bf16 or f16"),
-        };
-        Ok((out, self.shape(l1)))
+        let func = kernel::<T>(dev, "qkv_rotary")?;
+        // SAFETY: every element is written by the kernel.
+        let out = unsafe { dev.alloc::<T>(b1 - a1) }?;
+        let stream = dev.cuda_stream();
+        let mut builder = stream.launch_builder(&func);
+        builder.arg(&x);
+        builder.arg(&c);
+        builder.arg(&s);
+        builder.arg(&out);
+        builder.arg(&n32);
+        builder.arg(&heads);
+        builder.arg(&hd);
+        builder.arg(&rd);
+        // SAFETY: the argument list matches the kernel's signature.
+        unsafe { builder.launch(cfg) }.w()?;
+        Ok(T::wrap_cuda_slice(out, dev.clone()))
     }
 }
 
@@ -626,6 +671,22 @@ impl QkvRotary {
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    /// Every kernel the ops ask for is defined in the CUDA source (checked here, where no GPU
+    /// runs them).
+    #[test]
+    fn kernel_names_exist_in_the_cuda_source() {
+        let src = include_str!("cuda/attention.cu");
+        let mut ops = vec!["masked_softmax".to_string(), "qkv_rotary".to_string()];
+        // The head sizes `decode_supported` takes.
+        ops.extend([32, 64, 128].map(|hd| format!("decode_attention_{hd}")));
+        for op in &ops {
+            for dt in [DType::F32, DType::BF16, DType::F16] {
+                let name = kernel_name(op, dt);
+                assert!(src.contains(&format!("({name},")), "{name} is not defined");
+            }
+        }
+    }
 
     /// The op equals its composed twin in every dtype, for long and short rows, limits inside,
     /// at and past the row.

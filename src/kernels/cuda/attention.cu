@@ -156,15 +156,15 @@ __device__ void decode_attention(const T *q, const T *kpool, const T *vpool,
                                   uint32_t cap, float scale) {                              \
     decode_attention<T, E>(q, kpool, vpool, limit, out, heads, cap, scale);                 \
   }
-DECODE_ATTENTION(decode_attention_f32_32, float, 1)
-DECODE_ATTENTION(decode_attention_f32_64, float, 2)
-DECODE_ATTENTION(decode_attention_f32_128, float, 4)
-DECODE_ATTENTION(decode_attention_bf16_32, __nv_bfloat16, 1)
-DECODE_ATTENTION(decode_attention_bf16_64, __nv_bfloat16, 2)
-DECODE_ATTENTION(decode_attention_bf16_128, __nv_bfloat16, 4)
-DECODE_ATTENTION(decode_attention_f16_32, __half, 1)
-DECODE_ATTENTION(decode_attention_f16_64, __half, 2)
-DECODE_ATTENTION(decode_attention_f16_128, __half, 4)
+DECODE_ATTENTION(decode_attention_32_f32, float, 1)
+DECODE_ATTENTION(decode_attention_64_f32, float, 2)
+DECODE_ATTENTION(decode_attention_128_f32, float, 4)
+DECODE_ATTENTION(decode_attention_32_bf16, __nv_bfloat16, 1)
+DECODE_ATTENTION(decode_attention_64_bf16, __nv_bfloat16, 2)
+DECODE_ATTENTION(decode_attention_128_bf16, __nv_bfloat16, 4)
+DECODE_ATTENTION(decode_attention_32_f16, __half, 1)
+DECODE_ATTENTION(decode_attention_64_f16, __half, 2)
+DECODE_ATTENTION(decode_attention_128_f16, __half, 4)
 
 // The attention inputs of one layer from its QKV projection in one pass: qkv [n, heads, 3 hd]
 // (per head: query, key, value) -> out [3, heads, n, hd] (queries, keys, values), the first
