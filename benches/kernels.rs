@@ -1,5 +1,7 @@
 //! `cargo bench --bench kernels`: the hand-written kernels against the library path at decode
-//! shapes (the weights of `block_main_b4_85` / `vanilla_70`).
+//! shapes (the weights of `block_main_b4_85` / `vanilla_70`). `-- hot`, `-- cold`, `-- q8`,
+//! `-- attention` and `-- overlap` (one core streaming memory while it multiplies) select the
+//! other groups.
 
 use blockformer::kernels::attention::{attend_online, cached_attention, KvCache, Rotary, RowSpec};
 use blockformer::kernels::matmul::matmul_skinny;
@@ -249,7 +251,82 @@ fn hot_attention() {
     }
 }
 
+/// One core streaming memory and multiplying in registers, apart and interleaved in one loop:
+/// whether a core's FMA units work while its loads wait (they do: the stream slows a little
+/// and the arithmetic runs at most of its own rate). Reads a 1 GiB buffer; per 256 bytes read,
+/// `r` rounds of 24 FMAs on 12 register accumulators.
+#[cfg(target_arch = "x86_64")]
+fn overlap() {
+    if !std::is_x86_feature_detected!("avx512f") {
+        return println!("overlap: needs AVX-512F");
+    }
+    let n = 1usize << 28;
+    let buf: Vec<f32> = (0..n).map(|i| (i % 7) as f32).collect();
+    // The FMAs alone, at the stream's r = 4 count.
+    let rounds = n / 64 * 4;
+    let t = Instant::now();
+    // SAFETY: AVX-512F checked above.
+    let s = unsafe { stream_and_multiply(&buf[..0], 0, rounds) };
+    let alone = rounds as f64 * 24.0 * 32.0 / t.elapsed().as_secs_f64() / 1e9;
+    println!("FMAs alone: {alone:.1} GFLOP/s ({s})");
+    for r in [0usize, 1, 2, 3, 4, 8] {
+        let t = Instant::now();
+        // SAFETY: AVX-512F checked above.
+        let s = unsafe { stream_and_multiply(&buf, r, 0) };
+        let secs = t.elapsed().as_secs_f64();
+        let flops = (n / 64 * r) as f64 * 24.0 * 32.0;
+        println!(
+            "r = {r}: {:.1} GB/s read while multiplying at {:.1} GFLOP/s ({s})",
+            (n * 4) as f64 / secs / 1e9,
+            flops / secs / 1e9
+        );
+    }
+}
+
+/// Sums `buf` (prefetching 4 KiB ahead) with `r` rounds of FMAs per 64 floats read, then
+/// `extra` rounds with no reads.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn stream_and_multiply(buf: &[f32], r: usize, extra: usize) -> f32 {
+    use std::arch::x86_64::*;
+    let mut acc = [_mm512_set1_ps(1.0); 12];
+    let (a, b) = (
+        _mm512_set1_ps(std::hint::black_box(0.999)),
+        _mm512_set1_ps(0.001),
+    );
+    let mut sum = [_mm512_setzero_ps(); 4];
+    let round = |acc: &mut [__m512; 12]| {
+        for _ in 0..2 {
+            for x in acc.iter_mut() {
+                *x = _mm512_fmadd_ps(*x, a, b);
+            }
+        }
+    };
+    let p = buf.as_ptr();
+    for i in (0..buf.len() / 64 * 64).step_by(64) {
+        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(i + 1024) as *const i8);
+        for (j, s) in sum.iter_mut().enumerate() {
+            *s = _mm512_add_ps(*s, _mm512_loadu_ps(p.add(i + 16 * j)));
+        }
+        for _ in 0..r {
+            round(&mut acc);
+        }
+    }
+    for _ in 0..extra {
+        round(&mut acc);
+    }
+    let mut s = _mm512_add_ps(_mm512_add_ps(sum[0], sum[1]), _mm512_add_ps(sum[2], sum[3]));
+    for x in acc {
+        s = _mm512_add_ps(s, x);
+    }
+    _mm512_reduce_add_ps(s)
+}
+
 fn main() {
+    #[cfg(target_arch = "x86_64")]
+    if std::env::args().any(|a| a == "overlap") {
+        return overlap();
+    }
     if std::env::args().any(|a| a == "hot") {
         hot_matmuls();
         return hot_attention();
