@@ -327,6 +327,14 @@ impl PackedDataset {
         pad: u32,
         seed: u64,
     ) -> Result<Self> {
+        if seq_len < 2 {
+            return Err(Error::input(
+                "seq-len",
+                format!(
+                    "{seq_len} tokens per sample; a sample needs at least 2 (one to predict from)"
+                ),
+            ));
+        }
         if let Packing::Block { block_length } = packing {
             if block_length == 0 || !seq_len.is_multiple_of(block_length) {
                 return Err(Error::input(

@@ -215,6 +215,30 @@ fn bad_flags_and_inputs_give_clear_errors() {
             "{args:?}: {err}"
         );
     }
+    // Evaluation on files with no text: an error naming them, not a row of zeros.
+    let empty = dir.path().join("empty.txt");
+    std::fs::write(&empty, "").unwrap();
+    let empty = empty.to_str().unwrap();
+    let (ok, out, err) = bf(&["eval", "--model", &m, "--data", empty]);
+    assert!(
+        !ok && err.contains("nothing to evaluate") && err.contains(empty),
+        "{out} {err}"
+    );
+    for (flag, want) in [
+        ("--batch-size", "--batch-size 0: expected at least 1"),
+        ("--max-tokens", "--max-tokens 0: expected at least 1"),
+    ] {
+        let (ok, _, err) = bf(&["eval", "--model", &m, "--data", &m, flag, "0"]);
+        assert!(!ok && err.contains(want), "{flag}: {err}");
+    }
+    // One prediction: the positions in the block no window reached print "-", not NaN.
+    let one = dir.path().join("one.txt");
+    std::fs::write(&one, "a").unwrap();
+    let (ok, out, err) = bf(&["eval", "--model", &m, "--data", one.to_str().unwrap()]);
+    assert!(
+        ok && out.contains(" -") && !out.contains("NaN"),
+        "{out} {err}"
+    );
     let (ok, _, err) = bf(&["bench", "--preset", "block_main_b4_5", "--dtype", "int4"]);
     assert!(!ok && err.contains("--dtype int4"), "{err}");
     let tok = format!("{m}/tokenizer.json");
@@ -223,6 +247,26 @@ fn bad_flags_and_inputs_give_clear_errors() {
     for (flag, value, want) in [
         ("--autocast", "fp8", "--autocast fp8: expected bf16 or off"),
         ("--device", "cuda", "without CUDA support"),
+        (
+            "--batch-size",
+            "0",
+            "--batch-size <BATCH_SIZE>': expected at least 1",
+        ),
+        (
+            "--seq-len",
+            "0",
+            "--seq-len <SEQ_LEN>': expected at least 1",
+        ),
+        (
+            "--seq-len",
+            "1",
+            "seq-len: 1 tokens per sample; a sample needs at least 2",
+        ),
+        (
+            "--threads",
+            "0",
+            "--threads <THREADS>': expected at least 1",
+        ),
     ] {
         let args = [
             "train",

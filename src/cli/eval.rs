@@ -41,6 +41,12 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
+    if a.batch_size == 0 {
+        bail!("--batch-size 0: expected at least 1 window per forward");
+    }
+    if a.max_tokens == Some(0) {
+        bail!("--max-tokens 0: expected at least 1 predicted token");
+    }
     let mode: DocMode = a.doc_mode.parse()?;
     // Evaluation defaults to float32 on every device (exact losses).
     let (dev, dtype) = a.run.device_dtype(DType::F32)?;
@@ -82,6 +88,17 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     }
     let eos = refs[0].config.eos_token_id();
     let wins = windows(&docs, eos, window, a.max_tokens);
+    if wins.is_empty() {
+        bail!(
+            "--data {}: nothing to evaluate (expected text of at least one token: a document and \
+             its end-of-text make the first prediction)",
+            a.data
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+    }
     let pos_len = refs
         .iter()
         .find_map(|m| match &m.arch {
@@ -114,9 +131,15 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             r.loss,
             r.perplexity,
             100.0 * r.accuracy,
+            // A position no window reached has no mean: "-".
             r.loss_by_position
                 .iter()
-                .map(|x| format!("{x:.3}"))
+                .zip(&r.count_by_position)
+                .map(|(x, &n)| if n == 0 {
+                    "-".to_string()
+                } else {
+                    format!("{x:.3}")
+                })
                 .collect::<Vec<_>>()
                 .join(" ")
         );

@@ -20,7 +20,7 @@ use clap::{Parser, Subcommand};
 )]
 pub struct Cli {
     /// Worker threads for matmuls and attention (default: all cores).
-    #[arg(long, global = true)]
+    #[arg(long, global = true, value_parser = at_least_one)]
     pub threads: Option<usize>,
     #[command(subcommand)]
     pub command: Command,
@@ -67,4 +67,13 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
 /// until it ends. Not for commands that wait on other threads using the pool (serve).
 fn on_pool<T: Send>(f: impl FnOnce() -> T + Send) -> T {
     rayon::scope(|_| f())
+}
+
+/// A count flag's value: a whole number of at least 1.
+pub(crate) fn at_least_one(v: &str) -> Result<usize, String> {
+    match v.parse::<usize>() {
+        Ok(0) => Err("expected at least 1".to_string()),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("`{v}` is not a whole number")),
+    }
 }

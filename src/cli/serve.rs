@@ -19,7 +19,7 @@ pub struct Args {
     #[arg(long, default_value_t = 8080)]
     pub port: u16,
     /// Rows (completions) decoded together; more wait in the queue.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, value_parser = super::at_least_one)]
     pub max_batch: usize,
     /// Rows admitted beyond the batch; past that, requests get 429 with Retry-After.
     #[arg(long, default_value_t = 256)]
@@ -38,7 +38,7 @@ pub struct Args {
     #[arg(long, default_value_t = 4 << 20)]
     pub max_body_bytes: usize,
     /// Largest number of completions (prompts x n) in one request.
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = 128, value_parser = super::at_least_one)]
     pub max_choices: usize,
     /// Seconds running requests get to finish after SIGINT/SIGTERM before they are cancelled.
     #[arg(long, default_value_t = 30.0)]
@@ -84,11 +84,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     }
     let opts = ServeOptions {
         model_name: name,
-        max_batch: a.max_batch.max(1),
+        max_batch: a.max_batch,
         max_queue: a.max_queue,
         max_tokens: a.max_tokens_limit,
         max_body_bytes: a.max_body_bytes,
-        max_choices: a.max_choices.max(1),
+        max_choices: a.max_choices,
         api_key: a.api_key.clone(),
         positions: match a.compat {
             Compat::Trained => PositionMode::Trained,

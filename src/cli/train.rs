@@ -37,7 +37,7 @@ pub struct Args {
     #[arg(long)]
     pub out: PathBuf,
     /// Optimizer steps.
-    #[arg(long)]
+    #[arg(long, value_parser = super::at_least_one)]
     pub steps: Option<usize>,
     /// Wall-clock budget in minutes instead of --steps (the step count is fixed after the first
     /// steps from their speed and recorded).
@@ -54,16 +54,16 @@ pub struct Args {
     #[arg(long, default_value_t = 1.0)]
     pub grad_clip: f64,
     /// Sequences per forward/backward.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = super::at_least_one)]
     pub batch_size: usize,
     /// Tokens per optimizer step, reached by gradient accumulation (default: one micro-batch).
-    #[arg(long)]
+    #[arg(long, value_parser = super::at_least_one)]
     pub token_batch: Option<usize>,
     /// Context length in tokens (default: the config's).
     #[arg(long)]
     pub context: Option<usize>,
     /// Tokens per training sequence (default: the context length).
-    #[arg(long)]
+    #[arg(long, value_parser = super::at_least_one)]
     pub seq_len: Option<usize>,
     /// Vocabulary size (default: the tokenizer's, for presets).
     #[arg(long)]
@@ -73,7 +73,7 @@ pub struct Args {
     /// Validation every N steps (0 = at the end only).
     #[arg(long, default_value_t = 100)]
     pub eval_every: usize,
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, value_parser = super::at_least_one)]
     pub eval_samples: usize,
     /// Checkpoint every N steps (also at the end and on Ctrl-C).
     #[arg(long, default_value_t = 100)]
@@ -86,7 +86,7 @@ pub struct Args {
     #[arg(long)]
     pub init_from_vanilla: Option<PathBuf>,
     /// Block length of the derived uptraining config.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 4, value_parser = super::at_least_one)]
     pub block_length: usize,
     /// Where tokenized data is cached (default: OUT/.cache).
     #[arg(long)]
