@@ -5,13 +5,10 @@ use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// A file could not be read or written.
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    /// A file could not be read or written. The I/O error is part of the message and not a
+    /// `source` as well, or the binary's error chain would print it twice.
+    #[error("{path}: {err}")]
+    Io { path: PathBuf, err: std::io::Error },
     /// A checkpoint file is malformed or does not match the architecture.
     #[error("checkpoint {path}: {msg}")]
     Checkpoint { path: PathBuf, msg: String },
@@ -24,9 +21,15 @@ pub enum Error {
     /// Tokenizer loading or encoding failed.
     #[error("tokenizer {origin}: {msg}")]
     Tokenizer { origin: String, msg: String },
-    /// An error from the tensor library.
+    /// An error from the tensor library (in the message, not also a `source`: see `Io`).
     #[error("tensor op: {0}")]
-    Candle(#[from] candle_core::Error),
+    Candle(candle_core::Error),
+}
+
+impl From<candle_core::Error> for Error {
+    fn from(e: candle_core::Error) -> Self {
+        Error::Candle(e)
+    }
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -53,7 +56,7 @@ impl Error {
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),
-            source,
+            err: source,
         }
     }
 }

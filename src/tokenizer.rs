@@ -88,6 +88,23 @@ impl Tokenizer {
                 ));
             }
         }
+        let bytes: u64 = files
+            .iter()
+            .map(|f| std::fs::metadata(f).map(|m| m.len()).unwrap_or(0))
+            .sum();
+        if bytes == 0 {
+            return Err(Error::input(
+                "files",
+                format!(
+                    "{}: empty, no text to learn merges from",
+                    files
+                        .iter()
+                        .map(|p| p.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                ),
+            ));
+        }
         let specials = vec![
             AddedToken::from(EOS_TOKEN, true),
             AddedToken::from(PAD_TOKEN, true),

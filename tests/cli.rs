@@ -231,6 +231,16 @@ fn bad_flags_and_inputs_give_clear_errors() {
         let (ok, _, err) = bf(&["eval", "--model", &m, "--data", &m, flag, "0"]);
         assert!(!ok && err.contains(want), "{flag}: {err}");
     }
+    // A tokenizer from empty files: an error, not a bytes-only vocabulary.
+    let tk = dir.path().join("tk.json");
+    let (ok, _, err) = bf(&["tokenizer", "train", "--out", tk.to_str().unwrap(), empty]);
+    assert!(!ok && err.contains("no text to learn merges from"), "{err}");
+    // A missing file: its path and the reason, once.
+    let (ok, _, err) = bf(&["eval", "--model", &m, "--data", "/nonexistent.txt"]);
+    assert!(
+        !ok && err.contains("/nonexistent.txt") && err.matches("os error 2").count() == 1,
+        "{err}"
+    );
     // One prediction: the positions in the block no window reached print "-", not NaN.
     let one = dir.path().join("one.txt");
     std::fs::write(&one, "a").unwrap();
