@@ -170,6 +170,59 @@ impl Default for TrainConfig {
 }
 
 impl TrainConfig {
+    /// Checks every hyper-parameter's range; the error names the field.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |field: &str, v: String, want: &str| {
+            Err(Error::input(field, format!("{v} (expected {want})")))
+        };
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return bad("lr", self.lr.to_string(), "a finite number > 0");
+        }
+        if !(0.0..=1.0).contains(&self.min_lr_ratio) {
+            return bad("min-lr-ratio", self.min_lr_ratio.to_string(), "0 to 1");
+        }
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            return bad(
+                "weight-decay",
+                self.weight_decay.to_string(),
+                "a finite number >= 0",
+            );
+        }
+        if !(self.grad_clip.is_finite() && self.grad_clip >= 0.0) {
+            return bad(
+                "grad-clip",
+                self.grad_clip.to_string(),
+                "a finite number >= 0; 0 = off",
+            );
+        }
+        for (field, b) in [("beta1", self.beta1), ("beta2", self.beta2)] {
+            if !(0.0..1.0).contains(&b) {
+                return bad(field, b.to_string(), "0 <= beta < 1");
+            }
+        }
+        if !(self.eps.is_finite() && self.eps > 0.0) {
+            return bad("eps", self.eps.to_string(), "a finite number > 0");
+        }
+        if let Some(t) = self.time_budget_s {
+            if !(t.is_finite() && t > 0.0) {
+                return bad("time-budget", format!("{t} s"), "a finite time > 0");
+            }
+        }
+        for (field, n) in [
+            ("batch-size", self.micro_batch),
+            ("accum", self.accum),
+            ("eval-samples", self.eval_samples),
+        ] {
+            if n == 0 {
+                return bad(field, "0".into(), "at least 1");
+            }
+        }
+        if self.seq_len < 2 {
+            return bad("seq-len", self.seq_len.to_string(), "at least 2 tokens");
+        }
+        Ok(())
+    }
+
     pub fn tokens_per_step(&self) -> usize {
         self.micro_batch * self.accum * self.seq_len
     }
@@ -249,6 +302,7 @@ impl Trainer {
         device: &Device,
     ) -> Result<Trainer> {
         config.validate("training config")?;
+        cfg.validate()?;
         let mut vs = VarSource::new(src);
         vs.device = device.clone();
         let model = Model::build(config, &mut vs)?;

@@ -252,6 +252,21 @@ fn bad_flags_and_inputs_give_clear_errors() {
     let (ok, _, err) = bf(&["bench", "--preset", "block_main_b4_5", "--dtype", "int4"]);
     assert!(!ok && err.contains("--dtype int4"), "{err}");
     let tok = format!("{m}/tokenizer.json");
+    // Training into a path that is a file.
+    let (ok, _, err) = bf(&[
+        "train",
+        "--config",
+        "vanilla_31",
+        "--tokenizer",
+        &tok,
+        "--data",
+        &tok,
+        "--out",
+        &tok,
+        "--steps",
+        "1",
+    ]);
+    assert!(!ok && err.contains("exists and is not a folder"), "{err}");
     let out = dir.path().join("train-out");
     let out = out.to_str().unwrap();
     for (flag, value, want) in [
@@ -270,7 +285,22 @@ fn bad_flags_and_inputs_give_clear_errors() {
         (
             "--seq-len",
             "1",
-            "seq-len: 1 tokens per sample; a sample needs at least 2",
+            "invalid seq-len: 1 (expected at least 2 tokens)",
+        ),
+        (
+            "--lr",
+            "nan",
+            "invalid lr: NaN (expected a finite number > 0)",
+        ),
+        (
+            "--min-lr-ratio",
+            "2",
+            "invalid min-lr-ratio: 2 (expected 0 to 1)",
+        ),
+        (
+            "--valid-fraction",
+            "1",
+            "--valid-fraction 1: expected 0 <= fraction < 1",
         ),
         (
             "--threads",

@@ -165,6 +165,18 @@ pub fn open_dataset(
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
+    if a.out.exists() && !a.out.is_dir() {
+        bail!(
+            "--out {}: exists and is not a folder (expected a folder for the model, checkpoint/ and metrics)",
+            a.out.display()
+        );
+    }
+    if !(0.0..1.0).contains(&a.valid_fraction) {
+        bail!(
+            "--valid-fraction {}: expected 0 <= fraction < 1",
+            a.valid_fraction
+        );
+    }
     let mode: DocMode = a.doc_mode.parse()?;
     let tok = Tokenizer::from_file(&a.tokenizer)?;
     let ckpt_dir = a.out.join("checkpoint");
