@@ -252,20 +252,26 @@ fn bad_flags_and_inputs_give_clear_errors() {
     let (ok, _, err) = bf(&["bench", "--preset", "block_main_b4_5", "--dtype", "int4"]);
     assert!(!ok && err.contains("--dtype int4"), "{err}");
     let tok = format!("{m}/tokenizer.json");
+    // One training step of vanilla_31 into `out`, with `extra` flags.
+    let train = |out: &str, extra: &[&str]| {
+        let mut args = vec![
+            "train",
+            "--config",
+            "vanilla_31",
+            "--tokenizer",
+            &tok,
+            "--data",
+            &tok,
+            "--out",
+            out,
+            "--steps",
+            "1",
+        ];
+        args.extend_from_slice(extra);
+        bf(&args)
+    };
     // Training into a path that is a file.
-    let (ok, _, err) = bf(&[
-        "train",
-        "--config",
-        "vanilla_31",
-        "--tokenizer",
-        &tok,
-        "--data",
-        &tok,
-        "--out",
-        &tok,
-        "--steps",
-        "1",
-    ]);
+    let (ok, _, err) = train(&tok, &[]);
     assert!(!ok && err.contains("exists and is not a folder"), "{err}");
     let out = dir.path().join("train-out");
     let out = out.to_str().unwrap();
@@ -308,22 +314,7 @@ fn bad_flags_and_inputs_give_clear_errors() {
             "--threads <THREADS>': expected at least 1",
         ),
     ] {
-        let args = [
-            "train",
-            "--config",
-            "vanilla_31",
-            "--tokenizer",
-            &tok,
-            "--data",
-            &tok,
-            "--out",
-            out,
-            "--steps",
-            "1",
-            flag,
-            value,
-        ];
-        let (ok, _, err) = bf(&args);
+        let (ok, _, err) = train(out, &[flag, value]);
         assert!(!ok && err.contains(want), "{flag} {value}: {err}");
     }
 }
