@@ -235,6 +235,16 @@ fn bad_flags_and_inputs_give_clear_errors() {
     let tk = dir.path().join("tk.json");
     let (ok, _, err) = bf(&["tokenizer", "train", "--out", tk.to_str().unwrap(), empty]);
     assert!(!ok && err.contains("no text to learn merges from"), "{err}");
+    // Serving limits of 0 would refuse every request: refused at start instead.
+    for flag in [
+        "--max-batch",
+        "--max-tokens-limit",
+        "--max-body-bytes",
+        "--max-choices",
+    ] {
+        let (ok, _, err) = bf(&["serve", "--model", &m, flag, "0"]);
+        assert!(!ok && err.contains("expected at least 1"), "{flag}: {err}");
+    }
     // A missing file: its path and the reason, once.
     let (ok, _, err) = bf(&["eval", "--model", &m, "--data", "/nonexistent.txt"]);
     assert!(

@@ -32,10 +32,10 @@ pub struct Args {
     #[arg(long)]
     pub model_name: Option<String>,
     /// Largest max_tokens a request may ask for (default: the model's context length).
-    #[arg(long)]
+    #[arg(long, value_parser = super::at_least_one)]
     pub max_tokens_limit: Option<usize>,
     /// Largest request body in bytes (413 past it).
-    #[arg(long, default_value_t = 4 << 20)]
+    #[arg(long, default_value_t = 4 << 20, value_parser = super::at_least_one)]
     pub max_body_bytes: usize,
     /// Largest number of completions (prompts x n) in one request.
     #[arg(long, default_value_t = 128, value_parser = super::at_least_one)]
