@@ -80,18 +80,21 @@ impl Tokenizer {
                 format!("{vocab_size} is too small for a byte-level BPE (at least 260)"),
             ));
         }
+        let mut bytes = 0u64;
         for f in files {
-            if !f.is_file() {
-                return Err(Error::io(
-                    f,
-                    std::io::Error::new(std::io::ErrorKind::NotFound, "training file not found"),
-                ));
+            match std::fs::metadata(f) {
+                Ok(m) if m.is_file() => bytes += m.len(),
+                _ => {
+                    return Err(Error::io(
+                        f,
+                        std::io::Error::new(
+                            std::io::ErrorKind::NotFound,
+                            "training file not found",
+                        ),
+                    ))
+                }
             }
         }
-        let bytes: u64 = files
-            .iter()
-            .map(|f| std::fs::metadata(f).map(|m| m.len()).unwrap_or(0))
-            .sum();
         if bytes == 0 {
             return Err(Error::input(
                 "files",

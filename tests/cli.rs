@@ -18,6 +18,16 @@ fn bf(args: &[&str]) -> (bool, String, String) {
     )
 }
 
+/// The command `args` fails with `want` in its error, and without a panic.
+fn refused(args: &[&str], want: &str) {
+    let (ok, _, err) = bf(args);
+    assert!(
+        !ok && err.contains(want),
+        "{args:?}: expected `{want}` in `{err}`"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+}
+
 /// A model folder (config.json + model.safetensors + tokenizer.json) made from the block fixture.
 fn model_dir(dir: &Path) -> String {
     let fx = Fixture::load(&fixture_root().join("block_b4"));
@@ -178,12 +188,7 @@ fn bad_flags_and_inputs_give_clear_errors() {
     for (extra, want) in cases {
         let mut args = vec!["generate", "--model", &m];
         args.extend_from_slice(extra);
-        let (ok, _, err) = bf(&args);
-        assert!(
-            !ok && err.contains(want),
-            "{extra:?}: expected `{want}` in `{err}`"
-        );
-        assert!(!err.contains("panicked"), "{err}");
+        refused(&args, want);
     }
     let long = vec!["7"; 2049].join(" ");
     let (ok, _, err) = bf(&["generate", "--model", &m, "--ids", &long]);
@@ -191,10 +196,14 @@ fn bad_flags_and_inputs_give_clear_errors() {
         !ok && err.contains("longer than the model's context"),
         "{err}"
     );
-    let (ok, _, err) = bf(&["generate", "--model", "/nonexistent", "--ids", "1"]);
-    assert!(!ok && err.contains("/nonexistent"), "{err}");
-    let (ok, _, err) = bf(&["generate", "--preset", "block_main_b4_5", "--prompt", "hi"]);
-    assert!(!ok && err.contains("needs a tokenizer"), "{err}");
+    refused(
+        &["generate", "--model", "/nonexistent", "--ids", "1"],
+        "/nonexistent",
+    );
+    refused(
+        &["generate", "--preset", "block_main_b4_5", "--prompt", "hi"],
+        "needs a tokenizer",
+    );
     // The device flags of the other commands.
     for args in [
         &[
@@ -209,11 +218,7 @@ fn bad_flags_and_inputs_give_clear_errors() {
         &["eval", "--model", &m, "--data", &m, "--device", "cuda"][..],
         &["info", "--model", &m, "--device", "cuda:1"][..],
     ] {
-        let (ok, _, err) = bf(args);
-        assert!(
-            !ok && err.contains("without CUDA support"),
-            "{args:?}: {err}"
-        );
+        refused(args, "without CUDA support");
     }
     // Evaluation on files with no text: an error naming them, not a row of zeros.
     let empty = dir.path().join("empty.txt");
@@ -228,13 +233,14 @@ fn bad_flags_and_inputs_give_clear_errors() {
         ("--batch-size", "--batch-size 0: expected at least 1"),
         ("--max-tokens", "--max-tokens 0: expected at least 1"),
     ] {
-        let (ok, _, err) = bf(&["eval", "--model", &m, "--data", &m, flag, "0"]);
-        assert!(!ok && err.contains(want), "{flag}: {err}");
+        refused(&["eval", "--model", &m, "--data", &m, flag, "0"], want);
     }
     // A tokenizer from empty files: an error, not a bytes-only vocabulary.
     let tk = dir.path().join("tk.json");
-    let (ok, _, err) = bf(&["tokenizer", "train", "--out", tk.to_str().unwrap(), empty]);
-    assert!(!ok && err.contains("no text to learn merges from"), "{err}");
+    refused(
+        &["tokenizer", "train", "--out", tk.to_str().unwrap(), empty],
+        "no text to learn merges from",
+    );
     // Serving limits of 0 would refuse every request: refused at start instead.
     for flag in [
         "--max-batch",
@@ -242,8 +248,7 @@ fn bad_flags_and_inputs_give_clear_errors() {
         "--max-body-bytes",
         "--max-choices",
     ] {
-        let (ok, _, err) = bf(&["serve", "--model", &m, flag, "0"]);
-        assert!(!ok && err.contains("expected at least 1"), "{flag}: {err}");
+        refused(&["serve", "--model", &m, flag, "0"], "expected at least 1");
     }
     // A missing file: its path and the reason, once.
     let (ok, _, err) = bf(&["eval", "--model", &m, "--data", "/nonexistent.txt"]);
@@ -259,30 +264,31 @@ fn bad_flags_and_inputs_give_clear_errors() {
         ok && out.contains(" -") && !out.contains("NaN"),
         "{out} {err}"
     );
-    let (ok, _, err) = bf(&["bench", "--preset", "block_main_b4_5", "--dtype", "int4"]);
-    assert!(!ok && err.contains("--dtype int4"), "{err}");
+    refused(
+        &["bench", "--preset", "block_main_b4_5", "--dtype", "int4"],
+        "--dtype int4",
+    );
     let tok = format!("{m}/tokenizer.json");
     // One training step of vanilla_31 into `out`, with `extra` flags.
-    let train = |out: &str, extra: &[&str]| {
+    fn train<'a>(tok: &'a str, out: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
         let mut args = vec![
             "train",
             "--config",
             "vanilla_31",
             "--tokenizer",
-            &tok,
+            tok,
             "--data",
-            &tok,
+            tok,
             "--out",
             out,
             "--steps",
             "1",
         ];
         args.extend_from_slice(extra);
-        bf(&args)
-    };
+        args
+    }
     // Training into a path that is a file.
-    let (ok, _, err) = train(&tok, &[]);
-    assert!(!ok && err.contains("exists and is not a folder"), "{err}");
+    refused(&train(&tok, &tok, &[]), "exists and is not a folder");
     let out = dir.path().join("train-out");
     let out = out.to_str().unwrap();
     for (flag, value, want) in [
@@ -324,7 +330,6 @@ fn bad_flags_and_inputs_give_clear_errors() {
             "--threads <THREADS>': expected at least 1",
         ),
     ] {
-        let (ok, _, err) = train(out, &[flag, value]);
-        assert!(!ok && err.contains(want), "{flag} {value}: {err}");
+        refused(&train(&tok, out, &[flag, value]), want);
     }
 }
