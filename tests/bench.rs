@@ -689,6 +689,51 @@ fn cli_compares_two_model_folders() {
     assert_eq!(v["machine"]["bandwidth"].as_f64(), Some(2e10));
     assert!(v["rows"][0]["bandwidth_check"].is_null());
 
+    // A probe before every measurement: each row carries the one its bound started from, and
+    // the cached probe is replaced by the newest.
+    let fresh = dir.path().join("fresh-probe.json");
+    let (ok, out, err) = bf(&[
+        "bench",
+        "--threads",
+        "1",
+        "--model",
+        &paths[1],
+        "--prompt-len",
+        "8",
+        "--new-tokens",
+        "8",
+        "--batch-size",
+        "1,2",
+        "--runs",
+        "1",
+        "--warmup",
+        "0",
+        "--probe-cache",
+        fresh.to_str().unwrap(),
+        "--reprobe-each",
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    assert_eq!(
+        err.matches("probing this machine again").count(),
+        1,
+        "{err}"
+    );
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let rows = v["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 2);
+    for r in rows {
+        assert!(r["probe"]["flops"].as_f64().unwrap() > 0.0, "{r}");
+        assert!(r["probe"]["bandwidth"].as_f64().unwrap() > 0.0, "{r}");
+        assert_eq!(
+            r["bandwidth_check"]["probe"].as_f64(),
+            r["probe"]["bandwidth"].as_f64()
+        );
+    }
+    assert!(v["notes"][0].as_str().unwrap().contains("--reprobe-each"));
+    let cached: Machine = serde_json::from_str(&std::fs::read_to_string(&fresh).unwrap()).unwrap();
+    assert_eq!(Some(cached.flops), rows[1]["probe"]["flops"].as_f64());
+
     // The bound alone, at given speeds.
     let (ok, out, err) = bf(&[
         "bench",
@@ -807,6 +852,27 @@ fn cli_rejects_bad_flags() {
             "SVG",
         ),
         (&["bench"], "no model"),
+        (
+            &[
+                "bench",
+                "--preset",
+                "vanilla_31",
+                "--reprobe-each",
+                "--no-roofline",
+            ],
+            "cannot be used with",
+        ),
+        (
+            &[
+                "bench",
+                "--preset",
+                "vanilla_31",
+                "--reprobe-each",
+                "--peak-gflops",
+                "100",
+            ],
+            "cannot be used with",
+        ),
         (
             &[
                 "bench",

@@ -204,6 +204,18 @@ pub struct BenchRow {
     pub discarded: Vec<Discarded>,
     /// The bandwidth readings the bound of the median run used (`BenchSpec::sample_every`).
     pub sampled_bandwidth: Option<SampledBandwidth>,
+    /// The machine probe taken just before this measurement, when each measurement takes its
+    /// own (`bench --reprobe-each`); otherwise the report's one probe applies.
+    pub probe: Option<Probe>,
+}
+
+/// A machine probe's figures as one measurement used them.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct Probe {
+    /// Matmul FLOP/s.
+    pub flops: f64,
+    /// Memory bandwidth, bytes / s.
+    pub bandwidth: f64,
 }
 
 /// The range of the bandwidth readings taken during a run (bytes / s).
@@ -744,6 +756,7 @@ fn measure(
         bandwidth_check,
         discarded: Vec::new(),
         sampled_bandwidth: SampledBandwidth::of(&med.bandwidth, spec.sample_every),
+        probe: None,
         runs,
     })
 }

@@ -164,10 +164,24 @@ pub fn throughput_table(rows: &[BenchRow]) -> String {
 /// The lines that follow the table for one row: what it discarded, whether its machine was
 /// steady, the bandwidth read during it.
 pub fn row_notes(r: &BenchRow) -> impl Iterator<Item = String> {
-    discarded_note(r)
+    probe_note(r)
         .into_iter()
+        .chain(discarded_note(r))
         .chain(bandwidth_warning(r))
         .chain(sampled_note(r))
+}
+
+/// A note on the probe taken just before this row's measurement (`--reprobe-each`).
+pub fn probe_note(r: &BenchRow) -> Option<String> {
+    let p = r.probe?;
+    Some(format!(
+        "note: {} {} batch {}: probed just before: matmul {:.1} GFLOP/s, bandwidth {:.1} GB/s",
+        r.model,
+        r.setting,
+        r.batch,
+        p.flops / 1e9,
+        p.bandwidth / 1e9
+    ))
 }
 
 /// A note on the bandwidth read during the median run (`--sample-bandwidth`), which its bound

@@ -78,6 +78,14 @@ pub struct Args {
     /// Measure the machine again instead of using the cached probe.
     #[arg(long)]
     pub reprobe: bool,
+    /// Measure the machine again before every measurement (each model, setting and batch),
+    /// each row's bound starting from its own probe: for a long matrix on a machine whose
+    /// speed drifts. CPU only; implies --reprobe.
+    #[arg(
+        long,
+        conflicts_with_all = ["no_roofline", "peak_gflops", "bandwidth_gbs", "dry_run"]
+    )]
+    pub reprobe_each: bool,
     /// When the machine's memory bandwidth moved more than 15% from the probe's during a
     /// measurement (read before and after it), measure again, at most this many times, each
     /// time against the bandwidth measured anew; the report lists what it discarded.
@@ -305,10 +313,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         }
     };
 
-    let machine = if a.no_roofline {
+    let cache = a.probe_cache.clone().or_else(default_cache_path);
+    let reprobe = a.reprobe || a.reprobe_each;
+    let mut machine = if a.no_roofline {
         None
     } else {
-        let cache = a.probe_cache.clone().or_else(default_cache_path);
         let gpu = bench::device_name(&dev).map(|name| {
             let sheet = Machine::gpu_data_sheet(&name);
             (name, sheet)
@@ -319,7 +328,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             }
         }
         let given = (a.peak_gflops.is_some() && a.bandwidth_gbs.is_some()) || gpu.is_some();
-        if !given && (a.reprobe || cache.as_ref().is_none_or(|p| !p.exists())) {
+        if gpu.is_some() && a.reprobe_each {
+            bail!("--reprobe-each: a GPU's roofline uses its data-sheet numbers, there is nothing to probe (CPU only)");
+        }
+        if !given && (reprobe || cache.as_ref().is_none_or(|p| !p.exists())) {
             say("probing this machine's matmul FLOP/s and memory bandwidth (a few seconds)...");
         }
         let (mut m, src) = if given {
@@ -352,7 +364,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 None,
             )
         } else {
-            let (m, src) = Machine::load_or_probe(cache.as_deref(), a.reprobe)?;
+            let (m, src) = Machine::load_or_probe(cache.as_deref(), reprobe)?;
             (m, Some(src))
         };
         if let Some(f) = a.peak_gflops {
@@ -398,7 +410,15 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         sample_every: a.sample_bandwidth.unwrap_or(0.0),
     };
     let mut rows_by_model = Vec::new();
+    // The report's header shows the first probe; with --reprobe-each every row notes its own.
+    let first_machine = machine.clone();
+    let mut measured = 0usize;
     let mut notes = Vec::new();
+    if a.reprobe_each {
+        let note = "each measurement probes the machine just before it (--reprobe-each): the header shows the first probe, each row's note its own, which its bound starts from";
+        say(note);
+        notes.push(note.to_string());
+    }
     let mut bounds = Vec::new();
     for src in &sources {
         let name = src.name();
@@ -453,7 +473,12 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                     });
                     continue;
                 }
-                let row = bench::bench_model(
+                if a.reprobe_each && measured > 0 {
+                    say("probing this machine again (--reprobe-each)...");
+                    machine = Some(Machine::load_or_probe(cache.as_deref(), true)?.0);
+                }
+                measured += 1;
+                let mut row = bench::bench_model(
                     &model,
                     &name,
                     w,
@@ -462,6 +487,12 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                     (base_rss, loaded_rss),
                     |m| say(m),
                 )?;
+                if a.reprobe_each {
+                    row.probe = machine.as_ref().map(|m| bench::Probe {
+                        flops: m.flops,
+                        bandwidth: m.bandwidth,
+                    });
+                }
                 if a.json {
                     // The readable table carries these lines; JSON readers get them here too.
                     for line in report::row_notes(&row) {
@@ -499,7 +530,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         (None, Vec::new())
     };
     let rep = BenchReport {
-        machine,
+        machine: first_machine,
         threads: rayon::current_num_threads(),
         runs: a.runs,
         min_seconds: a.min_time,
