@@ -633,6 +633,8 @@ fn measure(
     let sampler_bytes = sampler.as_ref().map_or(0, |s| s.meter.bytes());
     let checked = checked.filter(|_| sampler.is_none());
     let bandwidth_before = checked.map(|m| m.bandwidth_now());
+    // An earlier measurement's activation buffers (a longer prompt's) are not this one's.
+    model.release_buffers();
     trim_heap();
     // On a GPU: what earlier measurements left in the allocator's pool goes back to the
     // driver, so the device memory read between steps is this measurement's.

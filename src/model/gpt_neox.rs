@@ -509,6 +509,11 @@ impl NeoX {
         })
     }
 
+    /// Drops the activation buffers kept from earlier host forwards.
+    pub fn release_buffers(&self) {
+        self.workspace.clear();
+    }
+
     fn heads(&self) -> (usize, usize) {
         (self.cfg.num_attention_heads, self.cfg.head_dim())
     }
@@ -966,6 +971,13 @@ impl Workspace {
         }
     }
 
+    /// Drops every kept buffer.
+    fn clear(&self) {
+        if let Ok(mut kept) = self.0.lock() {
+            kept.clear();
+        }
+    }
+
     fn put(&self, s: Scratch) {
         if let Ok(mut kept) = self.0.lock() {
             kept.push(s);
@@ -1141,5 +1153,8 @@ mod tests {
         assert_eq!(ws.clone().take(1, 8, 32).positions, 1);
         // Other widths never get these buffers.
         assert_eq!(ws.take(1, 16, 32).positions, 1);
+        // Released (between two measurements of the bench): the next call makes its own.
+        ws.clear();
+        assert_eq!(ws.take(1, 8, 32).positions, 1);
     }
 }

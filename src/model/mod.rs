@@ -194,6 +194,19 @@ impl Model {
         Self::build(config, &mut RandomInit::new(seed, device))
     }
 
+    /// Drops the activation buffers the decoder stacks keep from one forward to the next (a
+    /// long prompt's run to tens of megabytes), e.g. before measuring another workload's
+    /// memory. The next forward allocates afresh.
+    pub fn release_buffers(&self) {
+        match &self.arch {
+            Arch::Block(b) => {
+                b.block_decoder.stack.release_buffers();
+                b.token_decoder.stack.release_buffers();
+            }
+            Arch::Vanilla(v) => v.stack.release_buffers(),
+        }
+    }
+
     pub fn device(&self) -> Device {
         self.params
             .first()
