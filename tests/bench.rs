@@ -624,30 +624,37 @@ fn cli_compares_two_model_folders() {
         ..machine(2e10, 1e10)
     };
     std::fs::write(&probe, serde_json::to_string(&m).unwrap()).unwrap();
+    // One thread, 8 + 8 tokens, one timed run and no warm-up, at batch sizes `batch`.
+    let tiny_bench = |models: &[&str], batch: &str, extra: &[&str]| {
+        let mut args = vec!["bench", "--threads", "1"];
+        args.extend_from_slice(models);
+        args.extend_from_slice(&[
+            "--prompt-len",
+            "8",
+            "--new-tokens",
+            "8",
+            "--batch-size",
+            batch,
+            "--runs",
+            "1",
+            "--warmup",
+            "0",
+        ]);
+        args.extend_from_slice(extra);
+        bf(&args)
+    };
     let chart = dir.path().join("c.svg");
-    let (ok, out, err) = bf(&[
-        "bench",
-        "--threads",
-        "1",
-        "--compare",
-        &paths[0],
-        &paths[1],
-        "--prompt-len",
-        "8",
-        "--new-tokens",
-        "8",
-        "--batch-size",
+    let (ok, out, err) = tiny_bench(
+        &["--compare", &paths[0], &paths[1]],
         "1,2",
-        "--runs",
-        "1",
-        "--warmup",
-        "0",
-        "--probe-cache",
-        probe.to_str().unwrap(),
-        "--chart",
-        chart.to_str().unwrap(),
-        "--json",
-    ]);
+        &[
+            "--probe-cache",
+            probe.to_str().unwrap(),
+            "--chart",
+            chart.to_str().unwrap(),
+            "--json",
+        ],
+    );
     assert!(ok, "{err}");
     assert!(err.contains("cached in"), "{err}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
@@ -661,28 +668,17 @@ fn cli_compares_two_model_folders() {
     assert!(svg.contains("tiny_vanilla") && svg.contains("</svg>"));
 
     // A bandwidth given by flag is not this machine's: no check against it.
-    let (ok, out, err) = bf(&[
-        "bench",
-        "--threads",
+    let (ok, out, err) = tiny_bench(
+        &["--model", &paths[1]],
         "1",
-        "--model",
-        &paths[1],
-        "--prompt-len",
-        "8",
-        "--new-tokens",
-        "8",
-        "--batch-size",
-        "1",
-        "--runs",
-        "1",
-        "--warmup",
-        "0",
-        "--probe-cache",
-        probe.to_str().unwrap(),
-        "--bandwidth-gbs",
-        "20",
-        "--json",
-    ]);
+        &[
+            "--probe-cache",
+            probe.to_str().unwrap(),
+            "--bandwidth-gbs",
+            "20",
+            "--json",
+        ],
+    );
     assert!(ok, "{err}");
     assert!(!err.contains("warning:"), "{err}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
@@ -692,27 +688,16 @@ fn cli_compares_two_model_folders() {
     // A probe before every measurement: each row carries the one its bound started from, and
     // the cached probe is replaced by the newest.
     let fresh = dir.path().join("fresh-probe.json");
-    let (ok, out, err) = bf(&[
-        "bench",
-        "--threads",
-        "1",
-        "--model",
-        &paths[1],
-        "--prompt-len",
-        "8",
-        "--new-tokens",
-        "8",
-        "--batch-size",
+    let (ok, out, err) = tiny_bench(
+        &["--model", &paths[1]],
         "1,2",
-        "--runs",
-        "1",
-        "--warmup",
-        "0",
-        "--probe-cache",
-        fresh.to_str().unwrap(),
-        "--reprobe-each",
-        "--json",
-    ]);
+        &[
+            "--probe-cache",
+            fresh.to_str().unwrap(),
+            "--reprobe-each",
+            "--json",
+        ],
+    );
     assert!(ok, "{err}");
     assert_eq!(
         err.matches("probing this machine again").count(),

@@ -206,16 +206,7 @@ pub struct BenchRow {
     pub sampled_bandwidth: Option<SampledBandwidth>,
     /// The machine probe taken just before this measurement, when each measurement takes its
     /// own (`bench --reprobe-each`); otherwise the report's one probe applies.
-    pub probe: Option<Probe>,
-}
-
-/// A machine probe's figures as one measurement used them.
-#[derive(Clone, Copy, Debug, Serialize)]
-pub struct Probe {
-    /// Matmul FLOP/s.
-    pub flops: f64,
-    /// Memory bandwidth, bytes / s.
-    pub bandwidth: f64,
+    pub probe: Option<Machine>,
 }
 
 /// The range of the bandwidth readings taken during a run (bytes / s).

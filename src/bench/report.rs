@@ -173,7 +173,7 @@ pub fn row_notes(r: &BenchRow) -> impl Iterator<Item = String> {
 
 /// A note on the probe taken just before this row's measurement (`--reprobe-each`).
 pub fn probe_note(r: &BenchRow) -> Option<String> {
-    let p = r.probe?;
+    let p = r.probe.as_ref()?;
     Some(format!(
         "note: {} {} batch {}: probed just before: matmul {:.1} GFLOP/s, bandwidth {:.1} GB/s",
         r.model,

@@ -488,10 +488,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                     |m| say(m),
                 )?;
                 if a.reprobe_each {
-                    row.probe = machine.as_ref().map(|m| bench::Probe {
-                        flops: m.flops,
-                        bandwidth: m.bandwidth,
-                    });
+                    row.probe = machine.clone();
                 }
                 if a.json {
                     // The readable table carries these lines; JSON readers get them here too.
