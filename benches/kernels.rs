@@ -1,7 +1,7 @@
 //! `cargo bench --bench kernels`: the hand-written kernels against the library path at decode
 //! shapes (the weights of `block_main_b4_85` / `vanilla_70`). `-- hot`, `-- cold`, `-- q8`,
-//! `-- attention` and `-- overlap` (one core streaming memory while it multiplies) select the
-//! other groups.
+//! `-- attention`, `-- greedy` (the LM head's argmax: float32 scan against the bfloat16 screen) and
+//! `-- overlap` (one core streaming memory while it multiplies) select the other groups.
 
 use blockformer::kernels::attention::{attend_online, cached_attention, KvCache, Rotary, RowSpec};
 use blockformer::kernels::matmul::matmul_skinny;
@@ -322,7 +322,82 @@ unsafe fn stream_and_multiply(buf: &[f32], r: usize, extra: usize) -> f32 {
     _mm512_reduce_add_ps(s)
 }
 
+/// Greedy decoding's LM head (vocabulary 50304) with cold weights: the float32 panel scan
+/// against the bfloat16 screen and its exact pass ([`blockformer::kernels::screen`]), which must
+/// agree on every row.
+fn greedy_heads() {
+    use blockformer::kernels::panel::{argmax_panels, Panels};
+    use blockformer::kernels::screen::ArgmaxScreen;
+    // A bell-shaped pseudo-random value (sum of four uniforms) of standard deviation ~`std`.
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let mut bell = |std: f32| {
+        let mut s = 0f32;
+        for _ in 0..4 {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            s += (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
+        }
+        s * std * 1.732
+    };
+    let n = 50304;
+    println!(
+        "{:>18} {:>12} {:>12} {:>8}",
+        "M x K x N (cold)", "float32 ms", "screen ms", "speedup"
+    );
+    for (m, k) in [
+        (1, 256),
+        (16, 256),
+        (64, 256),
+        (64, 512),
+        (16, 768),
+        (64, 768),
+    ] {
+        let copies = (300usize << 20).div_ceil(k * n * 5).max(2);
+        let ps: Vec<Panels> = (0..copies)
+            .map(|_| {
+                let w: Vec<f32> = (0..k * n).map(|_| bell(0.02)).collect();
+                Panels::pack(&w, k, n)
+            })
+            .collect();
+        let ss: Vec<ArgmaxScreen> = ps.iter().filter_map(ArgmaxScreen::build).collect();
+        if ss.len() != ps.len() {
+            println!("no screen on this CPU (AVX-512 BF16 needed)");
+            return;
+        }
+        let x: Vec<f32> = (0..m * k).map(|_| bell(1.0)).collect();
+        for c in 0..copies {
+            let want = argmax_panels(&x, m, &ps[c]);
+            assert_eq!(
+                ss[c].argmax(&x, m, &ps[c]),
+                Some(want),
+                "screen and scan differ"
+            );
+        }
+        let reps = 4 * copies;
+        let mut c = 0;
+        let f = time(reps, || {
+            c = (c + 1) % copies;
+            std::hint::black_box(argmax_panels(&x, m, &ps[c]));
+        });
+        let s = time(reps, || {
+            c = (c + 1) % copies;
+            std::hint::black_box(ss[c].argmax(&x, m, &ps[c]));
+        });
+        println!(
+            "{:>18} {:>12.3} {:>12.3} {:>7.2}x",
+            format!("{m}x{k}x{n}"),
+            f * 1e3,
+            s * 1e3,
+            f / s
+        );
+    }
+}
+
 fn main() {
+    if std::env::args().any(|a| a == "greedy") {
+        return greedy_heads();
+    }
     #[cfg(target_arch = "x86_64")]
     if std::env::args().any(|a| a == "overlap") {
         return overlap();

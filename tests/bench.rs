@@ -39,6 +39,7 @@ fn tiny_block() -> BlockConfig {
 fn machine(flops: f64, bandwidth: f64) -> Machine {
     Machine {
         flops,
+        bf16_flops: 0.0,
         bandwidth,
         read_bandwidth: bandwidth,
         copy_bandwidth: bandwidth,
@@ -584,6 +585,8 @@ fn probe_measures_positive_speeds() {
     let cached = Machine {
         threads: rayon::current_num_threads(),
         cpu: blockformer::bench::roofline::cpu_model(),
+        // A bfloat16 rate too: a cache without one is probed again on a CPU that has one.
+        bf16_flops: 3e10,
         ..machine(1.5e10, 2.5e10)
     };
     std::fs::write(&p, serde_json::to_string(&cached).unwrap()).unwrap();
@@ -621,6 +624,7 @@ fn cli_compares_two_model_folders() {
     let m = Machine {
         threads: 1,
         cpu: blockformer::bench::roofline::cpu_model(),
+        bf16_flops: 4e10,
         ..machine(2e10, 1e10)
     };
     std::fs::write(&probe, serde_json::to_string(&m).unwrap()).unwrap();
@@ -750,7 +754,15 @@ fn cli_compares_two_model_folders() {
         prompt_len: 8,
         new_tokens: 8,
     };
-    let want = Roofline::bound(&model.config, &w, &machine(1e11, 2e10));
+    // The bench packs the model for the CPU, with the LM head's bfloat16 screen where the CPU
+    // has AVX-512 BF16.
+    let screened = blockformer::kernels::screen::supported();
+    assert_eq!(v[0]["lm_head_screened"], screened);
+    let mut kernels = cost(&model.config, &w);
+    if screened {
+        blockformer::bench::roofline::screen_lm_head(&mut kernels, &model.config, 4.0);
+    }
+    let want = Roofline::of_kernels(&kernels, &w, &machine(1e11, 2e10), &[]);
     let got = v[0]["bound"]["tokens_per_s"].as_f64().unwrap();
     assert!(
         (got / want.tokens_per_s - 1.0).abs() < 1e-9,
@@ -1092,4 +1104,53 @@ fn each_measurement_starts_without_the_last_ones_buffers() {
             r["batch"]
         );
     }
+}
+
+#[test]
+fn a_screened_lm_head_counts_bfloat16_weights_at_the_bfloat16_rate() {
+    use blockformer::bench::roofline::screen_lm_head;
+    let cfg = ModelConfig::Vanilla(tiny_neox());
+    let w = Workload {
+        batch: 3,
+        prompt_len: 5,
+        new_tokens: 4,
+    };
+    let plain = cost(&cfg, &w);
+    let mut screened = plain.clone();
+    screen_lm_head(&mut screened, &cfg, 4.0);
+    let ModelConfig::Vanilla(c) = &cfg else {
+        unreachable!()
+    };
+    let (v, h) = (c.vocab_size as f64, c.hidden_size as f64);
+    for (p, s) in plain.iter().zip(&screened) {
+        if p.kind == Kind::LmHead {
+            assert_eq!(s.kind, Kind::ScreenedLmHead);
+            assert_eq!(s.flops, p.flops);
+            // float32 weights out, bfloat16 weights and two bound terms per column in.
+            let want = p.bytes - 4.0 * v * h + 2.0 * v * h + 8.0 * v;
+            assert!((s.bytes - want).abs() < 1e-6, "{} vs {want}", s.bytes);
+        } else {
+            assert_eq!(s, p);
+        }
+    }
+    // Compute-bound (slow arithmetic, fast memory): the head's FLOPs at twice the rate.
+    let mut m = machine(1e3, 1e15);
+    let r = Roofline::of_kernels(&plain, &w, &m, &[]);
+    m.bf16_flops = 2e3;
+    let q = Roofline::of_kernels(&screened, &w, &m, &[]);
+    let head: f64 = plain
+        .iter()
+        .filter(|k| k.kind == Kind::LmHead)
+        .map(|k| k.flops)
+        .sum();
+    let want = r.seconds - head / 1e3 + head / 2e3;
+    assert!(
+        (q.seconds - want).abs() < 1e-9 * want,
+        "{} vs {want}",
+        q.seconds
+    );
+    // Without a bfloat16 rate the head counts at the float32 rate.
+    m.bf16_flops = 0.0;
+    let f = Roofline::of_kernels(&screened, &w, &m, &[]);
+    assert!((f.seconds - r.seconds).abs() < 1e-9 * r.seconds);
 }

@@ -476,3 +476,30 @@ fn wide_batches_split_by_rows_across_threads_decode_the_same() {
         }
     });
 }
+
+#[test]
+fn greedy_rows_through_the_lm_head_screen_pick_the_same_tokens() {
+    use blockformer::config::{BlockConfig, ModelConfig, NeoXConfig};
+    use blockformer::kernels::screen;
+    // Vocabularies of a few thousand: enough columns for the screen's tasks and tiles; 20
+    // rows: two row vectors, one of them partial.
+    for cfg in [
+        ModelConfig::Vanilla(NeoXConfig::pythia(3001, 2, 64, 4, 256)),
+        ModelConfig::Block(BlockConfig::main(4, 2999, 1, 64)),
+    ] {
+        let mut model = Model::random(&cfg, 9, &candle_core::Device::Cpu).unwrap();
+        model.pack_for_host().unwrap();
+        assert_eq!(model.lm_head_screened(), screen::supported());
+        let mut plain = model.clone();
+        match &mut plain.arch {
+            Arch::Vanilla(v) => v.embed_out.screen = None,
+            Arch::Block(bt) => bt.token_decoder.embed_out.screen = None,
+        }
+        assert!(!plain.lm_head_screened());
+        let reqs: Vec<GenRequest> = (0..20)
+            .map(|i| GenRequest::greedy(prompt(9 + i as usize, i), 13))
+            .collect();
+        let (model, plain) = (Arc::new(model), Arc::new(plain));
+        assert_eq!(run(&model, &reqs, 20), run(&plain, &reqs, 20), "{cfg:?}");
+    }
+}

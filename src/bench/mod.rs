@@ -19,7 +19,10 @@ use crate::generate::{Engine, EngineOptions, EngineStats, GenRequest, PositionMo
 use crate::kernels::attention::KvDtype;
 use crate::model::Model;
 use rand::{Rng, SeedableRng};
-use roofline::{BandwidthMeter, BandwidthSample, Machine, MemoryModel, Roofline, Workload};
+use roofline::{
+    cost_typed, screen_lm_head, BandwidthMeter, BandwidthSample, Machine, MemoryModel, Roofline,
+    Workload,
+};
 use serde::Serialize;
 use std::sync::Arc;
 use std::time::Instant;
@@ -168,6 +171,9 @@ pub struct MemoryReport {
 #[derive(Clone, Debug, Serialize)]
 pub struct BenchRow {
     pub model: String,
+    /// Whether greedy decoding's LM head ran through its bfloat16 screen (the bound then
+    /// counts it as bfloat16 work, [`roofline::screen_lm_head`]).
+    pub lm_head_screened: bool,
     pub setting: String,
     pub batch: usize,
     pub prompt_len: usize,
@@ -367,7 +373,11 @@ pub fn roofline_bound_sampled(
         model.linear_bytes_per_weight(),
         kv_elem_bytes(model, kv) as f64,
     );
-    Roofline::bound_sampled(&model.config, w, m, elems, samples)
+    let mut kernels = cost_typed(&model.config, w, elems.0, elems.1, elems.2);
+    if model.lm_head_screened() {
+        screen_lm_head(&mut kernels, &model.config, elems.1);
+    }
+    Roofline::of_kernels(&kernels, w, m, samples)
 }
 
 /// The memory model of a run of `model` at these lengths with caches `kv`, with the weights it
@@ -713,6 +723,7 @@ fn measure(
         .filter(|b| b.kernel_seconds > 0.0)
         .map(|b| med.tokens_per_s * b.kernel_seconds / (w.batch * w.new_tokens) as f64);
     Ok(BenchRow {
+        lm_head_screened: model.lm_head_screened(),
         kv_elem_bytes: kv_elem_bytes(model, spec.kv_dtype),
         model: name.to_string(),
         setting,

@@ -175,11 +175,12 @@ pub fn row_notes(r: &BenchRow) -> impl Iterator<Item = String> {
 pub fn probe_note(r: &BenchRow) -> Option<String> {
     let p = r.probe.as_ref()?;
     Some(format!(
-        "note: {} {} batch {}: probed just before: matmul {:.1} GFLOP/s, bandwidth {:.1} GB/s",
+        "note: {} {} batch {}: probed just before: matmul {:.1} GFLOP/s{}, bandwidth {:.1} GB/s",
         r.model,
         r.setting,
         r.batch,
         p.flops / 1e9,
+        p.bf16_note(),
         p.bandwidth / 1e9
     ))
 }
@@ -305,6 +306,8 @@ pub fn split_table(rows: &[BenchRow]) -> String {
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct BoundLine {
     pub model: String,
+    /// Whether the bound counts greedy decoding's LM head through its bfloat16 screen.
+    pub lm_head_screened: bool,
     pub setting: String,
     pub workload: Workload,
     pub bound: Roofline,
@@ -367,10 +370,11 @@ pub fn text(r: &BenchReport) -> String {
     if let Some(m) = &r.machine {
         let _ = writeln!(
             out,
-            "machine: {}, {} threads: matmul {:.1} GFLOP/s, bandwidth {:.1} GB/s (read {:.1}, copy {:.1})",
+            "machine: {}, {} threads: matmul {:.1} GFLOP/s{}, bandwidth {:.1} GB/s (read {:.1}, copy {:.1})",
             m.cpu,
             m.threads,
             m.flops / 1e9,
+            m.bf16_note(),
             m.bandwidth / 1e9,
             m.read_bandwidth / 1e9,
             m.copy_bandwidth / 1e9
@@ -389,9 +393,14 @@ pub fn text(r: &BenchReport) -> String {
     } else {
         String::new()
     };
+    let screen = if r.rows.iter().any(|row| row.lm_head_screened) {
+        "; greedy LM head through its bfloat16 screen (same tokens; counted as bfloat16 work)"
+    } else {
+        ""
+    };
     let _ = writeln!(
         out,
-        "{} warm-up + {} timed runs each{more}; tokens/s = generated tokens / wall time (median run, prefill included){kv}\n",
+        "{} warm-up + {} timed runs each{more}; tokens/s = generated tokens / wall time (median run, prefill included){kv}{screen}\n",
         r.warmup, r.runs
     );
     out.push_str(&throughput_table(&r.rows));

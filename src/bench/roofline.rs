@@ -59,6 +59,9 @@ pub enum Kind {
     Attention,
     /// LM head and the logits the sampler reads back.
     LmHead,
+    /// Greedy decoding's LM head through its bfloat16 screen ([`crate::kernels::screen`]):
+    /// bfloat16 weights, its FLOPs at the machine's bfloat16 rate.
+    ScreenedLmHead,
 }
 
 /// One kernel of one engine step.
@@ -267,6 +270,23 @@ pub fn cost_typed(cfg: &ModelConfig, w: &Workload, e: f64, e_w: f64, e_kv: f64) 
     out
 }
 
+/// The LM head kernels of `kernels` as greedy decoding runs them through the bfloat16 screen
+/// ([`crate::kernels::screen`]): the weights read as bfloat16 (2 bytes each, plus 8 bytes of
+/// bound terms per column) instead of `e_w` bytes, the FLOPs at the bfloat16 rate
+/// ([`Kind::ScreenedLmHead`]). The exact float32 pass over the few columns left is not
+/// counted (a few columns per row).
+pub fn screen_lm_head(kernels: &mut [Kernel], cfg: &ModelConfig, e_w: f64) {
+    let (v, h) = match cfg {
+        ModelConfig::Block(c) => (c.token_decoder.vocab_size, c.token_decoder.hidden_size),
+        ModelConfig::Vanilla(c) => (c.vocab_size, c.hidden_size),
+    };
+    let (v, h) = (v as f64, h as f64);
+    for k in kernels.iter_mut().filter(|k| k.kind == Kind::LmHead) {
+        k.kind = Kind::ScreenedLmHead;
+        k.bytes += (2.0 - e_w) * v * h + 8.0 * v;
+    }
+}
+
 /// Engine steps of a run: one per block (block models) or per token (vanilla).
 pub fn engine_steps(cfg: &ModelConfig, new_tokens: usize) -> usize {
     match cfg {
@@ -337,7 +357,24 @@ impl Roofline {
         (e, e_w, e_kv): (f64, f64, f64),
         samples: &[BandwidthSample],
     ) -> Roofline {
-        let kernels = cost_typed(cfg, w, e, e_w, e_kv);
+        Self::of_kernels(&cost_typed(cfg, w, e, e_w, e_kv), w, m, samples)
+    }
+
+    /// The bound of these kernels ([`cost_typed`], possibly adjusted, e.g. by
+    /// [`screen_lm_head`]) with each engine step's bandwidth from `samples`.
+    pub fn of_kernels(
+        kernels: &[Kernel],
+        w: &Workload,
+        m: &Machine,
+        samples: &[BandwidthSample],
+    ) -> Roofline {
+        let rate = |k: &Kernel| {
+            if k.kind == Kind::ScreenedLmHead && m.bf16_flops > 0.0 {
+                m.bf16_flops
+            } else {
+                m.flops
+            }
+        };
         let mut r = Roofline::default();
         let mut i = 0;
         while i < kernels.len() {
@@ -350,7 +387,8 @@ impl Roofline {
             let bw = step_bandwidth(samples, ks[0].step).unwrap_or(m.bandwidth);
             let flops: f64 = ks.iter().map(|k| k.flops).sum();
             let bytes: f64 = ks.iter().map(|k| k.bytes).sum();
-            let (tc, tm) = (flops / m.flops, bytes / bw);
+            let tc: f64 = ks.iter().map(|k| k.flops / rate(k)).sum();
+            let tm = bytes / bw;
             let t = tc.max(tm);
             r.flops += flops;
             r.bytes += bytes;
@@ -363,7 +401,7 @@ impl Roofline {
             // The call's time split over its kernels in proportion to their own bounds.
             let own: Vec<f64> = ks
                 .iter()
-                .map(|k| (k.flops / m.flops).max(k.bytes / bw))
+                .map(|k| (k.flops / rate(k)).max(k.bytes / bw))
                 .collect();
             let total: f64 = own.iter().sum();
             r.kernel_seconds += total;
@@ -549,6 +587,11 @@ impl MemoryModel {
 pub struct Machine {
     /// f32 matmul FLOP/s (best of a few `N x N x N` products through candle).
     pub flops: f64,
+    /// The same for bfloat16 dot products (`flops` times the ratio of the CPU's bfloat16 and
+    /// float32 multiply-add rates, [`crate::kernels::screen::rate_ratio`]); 0 where it has
+    /// none (a cache from before this field reads 0 too).
+    #[serde(default)]
+    pub bf16_flops: f64,
     /// Memory bandwidth in bytes/s used by the bound: the better of `read_bandwidth` and
     /// `copy_bandwidth`.
     pub bandwidth: f64,
@@ -573,6 +616,16 @@ pub enum ProbeSource {
 }
 
 impl Machine {
+    /// `", bf16 dot N GFLOP/s"` where the machine has a bfloat16 rate, else nothing (for the
+    /// reports' machine lines).
+    pub fn bf16_note(&self) -> String {
+        if self.bf16_flops > 0.0 {
+            format!(", bf16 dot {:.1} GFLOP/s", self.bf16_flops / 1e9)
+        } else {
+            String::new()
+        }
+    }
+
     /// Data-sheet peaks of known GPUs (dense bf16 tensor-core FLOP/s, HBM bytes/s), matched on
     /// the driver's device name.
     pub fn gpu_data_sheet(name: &str) -> Option<(f64, f64)> {
@@ -640,8 +693,10 @@ impl Machine {
         let flops = 2.0 * (n as f64).powi(3) / best;
 
         let (read_bandwidth, copy_bandwidth) = measure_bandwidth(buffer_mib, reps);
+        let bf16_flops = crate::kernels::screen::rate_ratio().map_or(0.0, |r| r * flops);
         Ok(Machine {
             flops,
+            bf16_flops,
             bandwidth: read_bandwidth.max(copy_bandwidth),
             read_bandwidth,
             copy_bandwidth,
@@ -692,7 +747,11 @@ impl Machine {
                 .ok()
                 .and_then(|s| serde_json::from_str::<Machine>(&s).ok())
                 .filter(|m| {
-                    m.threads == threads && m.cpu == cpu && m.flops > 0.0 && m.bandwidth > 0.0
+                    m.threads == threads
+                        && m.cpu == cpu
+                        && m.flops > 0.0
+                        && m.bandwidth > 0.0
+                        && (m.bf16_flops > 0.0 || !crate::kernels::screen::supported())
                 })
             {
                 return Ok((m, ProbeSource::Cache(p.to_path_buf())));

@@ -340,6 +340,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 match &gpu {
                     Some((name, Some((flops, bw)))) => Machine {
                         flops: *flops,
+                        bf16_flops: 0.0,
                         bandwidth: *bw,
                         read_bandwidth: *bw,
                         copy_bandwidth: *bw,
@@ -351,6 +352,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                     },
                     _ => Machine {
                         flops: 0.0,
+                        bf16_flops: 0.0,
                         bandwidth: 0.0,
                         read_bandwidth: 0.0,
                         copy_bandwidth: 0.0,
@@ -388,10 +390,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             None => "machine: as given".to_string(),
         });
         say(&format!(
-            "  {} ({} threads): matmul {:.1} GFLOP/s, bandwidth {:.1} GB/s",
+            "  {} ({} threads): matmul {:.1} GFLOP/s{}, bandwidth {:.1} GB/s",
             m.cpu,
             m.threads,
             m.flops / 1e9,
+            m.bf16_note(),
             m.bandwidth / 1e9
         ));
         Some(m)
@@ -465,6 +468,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                     let mm = bench::memory_model(&model, p, g, spec.kv_dtype);
                     bounds.push(report::BoundLine {
                         model: name.clone(),
+                        lm_head_screened: model.lm_head_screened(),
                         setting: s.name(),
                         workload: w,
                         bound: bench::roofline_bound(&model, &w, m, spec.kv_dtype),
@@ -508,8 +512,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         } else {
             if let Some(m) = &machine {
                 println!(
-                    "roofline at matmul {:.1} GFLOP/s, bandwidth {:.1} GB/s ({} threads)\n",
+                    "roofline at matmul {:.1} GFLOP/s{}, bandwidth {:.1} GB/s ({} threads)\n",
                     m.flops / 1e9,
+                    m.bf16_note(),
                     m.bandwidth / 1e9,
                     m.threads
                 );

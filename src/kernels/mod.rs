@@ -8,6 +8,7 @@ pub mod matmul;
 pub mod ops;
 pub mod panel;
 pub mod pool_attention;
+pub mod screen;
 pub mod train_attention;
 
 thread_local! {

@@ -173,6 +173,19 @@ impl Panels {
         w
     }
 
+    /// Column `j` of a float32 matrix: weight `(kk, j)` is `col[kk * PANEL]` (`None` for
+    /// `q8_0`). The same floats the tiles read, for recomputing single outputs exactly.
+    pub fn column(&self, j: usize) -> Option<&[f32]> {
+        assert!(j < self.n, "column {j} of {}", self.n);
+        match &self.data {
+            Data::F32(w) => {
+                let start = (j / PANEL) * self.k * PANEL + j % PANEL;
+                Some(&w[start..start + (self.k - 1) * PANEL + 1])
+            }
+            Data::Q8 { .. } => None,
+        }
+    }
+
     fn panel(&self, p: usize) -> Panel<'_> {
         let k = self.k;
         match &self.data {

@@ -25,6 +25,7 @@ use crate::kernels::attention::{self, KvCache, KvDtype, Rotary, RowSpec};
 use crate::kernels::kv_pool::{self, KvPool, PoolStep};
 use crate::kernels::panel::{self, Epilogue, Panels};
 use crate::kernels::pool_attention;
+use crate::kernels::screen::ArgmaxScreen;
 use crate::kernels::train_attention::CausalAttentionOp;
 use crate::kernels::{matmul, ops, zeroed};
 use candle_core::{DType, Device, Tensor, D};
@@ -42,6 +43,12 @@ pub fn set_autocast_bf16(on: bool) {
     AUTOCAST_BF16.with(|a| a.set(on));
 }
 
+/// Whether LM heads keep a bfloat16 screen for greedy decoding (`BLOCKFORMER_SCREEN=0`: no).
+fn screen_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("BLOCKFORMER_SCREEN").as_deref() != Ok("0"))
+}
+
 fn autocast_bf16() -> bool {
     AUTOCAST_BF16.with(|a| a.get())
 }
@@ -57,6 +64,9 @@ pub struct Linear {
     /// Inference on the CPU in float32 with the weight packed in column panels (a copy made
     /// by [`Linear::pack`]; see [`crate::kernels::panel`]).
     pub packed: Option<Arc<Panels>>,
+    /// Greedy decoding's bfloat16 screen of the packed weight (the LM head on CPUs with
+    /// AVX-512 BF16; see [`crate::kernels::screen`]): the same argmax, about twice as fast.
+    pub screen: Option<Arc<ArgmaxScreen>>,
 }
 
 impl Linear {
@@ -83,6 +93,7 @@ impl Linear {
             bias,
             quantized: None,
             packed: None,
+            screen: None,
         })
     }
 
@@ -103,12 +114,25 @@ impl Linear {
         Ok(())
     }
 
-    /// Bytes of the packed float32 copy (0 without one).
+    /// Keeps a bfloat16 screen of the packed float32 weight for greedy decoding's argmax
+    /// ([`Linear::argmax_rows`]), where the CPU has AVX-512 BF16 and the layer no bias;
+    /// `BLOCKFORMER_SCREEN=0` turns it off (the full float32 scan, same answers).
+    pub fn build_screen(&mut self) {
+        if self.screen.is_some() || self.bias.is_some() || !screen_enabled() {
+            return;
+        }
+        if let Some(p) = self.packed.as_ref().filter(|p| !p.is_q8_0()) {
+            self.screen = ArgmaxScreen::build(p).map(Arc::new);
+        }
+    }
+
+    /// Bytes of the packed float32 copy and its screen (0 without them).
     pub fn packed_bytes(&self) -> usize {
         self.packed
             .as_ref()
             .filter(|p| !p.is_q8_0())
             .map_or(0, |p| p.bytes())
+            + self.screen.as_ref().map_or(0, |s| s.bytes())
     }
 
     /// Bytes of the `q8_0` copy (0 without one).
@@ -154,6 +178,7 @@ impl Linear {
             let (k, n) = self.weight_t.dims2()?;
             let w = HostView::new(&self.weight_t)?;
             self.packed = Some(Arc::new(Panels::pack_q8_0(w.get(), k, n)));
+            self.screen = None;
             return Ok(());
         }
         let w = self.weight_t.t()?.contiguous()?; // [out, in]
@@ -232,7 +257,14 @@ impl Linear {
         let rows = x.dim(0)?;
         let x = x.contiguous()?;
         let xv = HostView::new(&x)?;
-        let best = panel::argmax_panels(xv.get(), rows, p);
+        let best = match self
+            .screen
+            .as_ref()
+            .and_then(|s| s.argmax(xv.get(), rows, p))
+        {
+            Some(best) => best,
+            None => panel::argmax_panels(xv.get(), rows, p),
+        };
         Ok(Some(best.into_iter().map(|(c, _)| c).collect()))
     }
 

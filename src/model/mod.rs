@@ -268,7 +268,18 @@ impl Model {
     pub fn pack_for_host(&mut self) -> Result<()> {
         self.decode_linears_mut()
             .into_iter()
-            .try_for_each(Linear::pack)
+            .try_for_each(Linear::pack)?;
+        // Greedy decoding's argmax through the LM head's bfloat16 screen.
+        if let Some(head) = self.decode_linears_mut().pop() {
+            head.build_screen();
+        }
+        Ok(())
+    }
+
+    /// Whether greedy decoding's LM head runs through its bfloat16 screen
+    /// ([`crate::kernels::screen`]).
+    pub fn lm_head_screened(&self) -> bool {
+        self.lm_head().screen.is_some()
     }
 
     /// Bytes of the packed copies ([`Model::pack_for_host`]).
