@@ -32,13 +32,11 @@ const MARGIN: f64 = 1.01;
 const FLUSH: f32 = 1.0 / (1u64 << 40) as f32;
 /// Largest row norm times column norm the bound's float32 arithmetic is trusted with.
 const HUGE: f64 = 1e30;
-/// Columns per register tile of the screen kernel.
-const COLS: usize = 6;
-/// Bytes ahead of its reads that the screen kernel prefetches its weights.
-const PREFETCH_AHEAD: usize = 4096;
+/// Columns per tile of the weight layout: a pair of inputs of 16 columns is one vector.
+const COLS: usize = 16;
 /// Columns per parallel task (a multiple of [`COLS`]).
 const TASK_COLS: usize = 1536;
-/// Rows per row group: four vectors of 16 rows, one register tile's height.
+/// Rows per row group (the rows one task screens together).
 const GROUP_ROWS: usize = 64;
 /// Candidates a row may keep before the call gives up and the caller scans in full.
 const MAX_CANDIDATES: usize = 256;
@@ -52,10 +50,10 @@ pub struct ArgmaxScreen {
     /// `K` rounded up to even (the kernel multiplies pairs of inputs).
     kp: usize,
     /// The weights in bfloat16 (round to nearest even) as tiles of [`COLS`] columns, each
-    /// `[kp / 2, COLS, 2]` (a pair of inputs per column, the columns side by side), so that a
-    /// tile streams in address order; the last tile and `kp` zero-padded.
+    /// `[kp / 2, COLS, 2]` (a pair of inputs per column, the columns side by side: one vector
+    /// per pair), so that a tile streams in address order; the last tile and `kp` zero-padded.
     w: Vec<u16>,
-    /// `‖w_j‖₂` per column, rounded up.
+    /// `‖w_j‖₂` per column, rounded up (zero-padded to whole tiles).
     norm: Vec<f32>,
     /// Per column: the allowance for the column's flushed weights and for flushed partial
     /// sums (`MARGIN 2^-40 √K ‖w_j‖₂ + K 2^-124`).
@@ -326,16 +324,7 @@ impl ArgmaxScreen {
         #[cfg(target_arch = "x86_64")]
         {
             // SAFETY: the screen is built only where AVX-512 BF16 is present (`supported`).
-            unsafe {
-                match live.div_ceil(16) {
-                    // Fewer rows, more columns at once: enough independent accumulators to
-                    // hide the instruction's latency.
-                    1 => scan_avx512::<1, { 4 * COLS }>(self, rows, r0, live, cols, &mut st),
-                    2 => scan_avx512::<2, { 2 * COLS }>(self, rows, r0, live, cols, &mut st),
-                    3 => scan_avx512::<3, COLS>(self, rows, r0, live, cols, &mut st),
-                    _ => scan_avx512::<4, COLS>(self, rows, r0, live, cols, &mut st),
-                }
-            }
+            unsafe { scan_few(self, rows, r0, live, cols, &mut st) }
         }
         #[cfg(not(target_arch = "x86_64"))]
         scan_generic(self, rows, r0, live, cols, &mut st);
@@ -404,9 +393,9 @@ impl ScanState {
 /// The rows of one call as the kernel reads them.
 struct Rows {
     m: usize,
-    /// Per block of 16 rows `[kp / 2, 16 rows, 2]` bfloat16 values (rows padded with zeros).
-    act: Vec<u16>,
-    /// Per row (padded to 16): the bound's factor on `‖w_j‖₂` (`c ‖h‖₂`, rounded up) and the
+    /// The rows in bfloat16, `[m, kp]` (zero-padded).
+    flat: Vec<u16>,
+    /// Per row: the bound's factor on `‖w_j‖₂` (`c ‖h‖₂`, rounded up) and the
     /// allowance for the row's flushed values (`MARGIN 2^-40 √K ‖h‖₂`).
     factor: Vec<f32>,
     slack: Vec<f32>,
@@ -416,13 +405,11 @@ impl Rows {
     /// `None` for a row the bound cannot serve: non-finite, all zero, or so large that the
     /// bound's arithmetic could overflow.
     fn new(x: &[f32], m: usize, k: usize, sc: &ArgmaxScreen) -> Option<Rows> {
-        let blocks = m.div_ceil(16);
-        let pairs = sc.kp / 2;
         let mut rows = Rows {
             m,
-            act: vec![0u16; blocks * pairs * 32],
-            factor: vec![0.0; blocks * 16],
-            slack: vec![0.0; blocks * 16],
+            flat: vec![0u16; m * sc.kp],
+            factor: vec![0.0; m],
+            slack: vec![0.0; m],
         };
         let sqrt_k = (k as f64).sqrt();
         for r in 0..m {
@@ -438,9 +425,8 @@ impl Rows {
             if norm == 0.0 || norm * f64::from(sc.norm_max.max(1.0)) > HUGE {
                 return None;
             }
-            let (b, lane) = (r / 16, r % 16);
-            for (kk, &v) in h.iter().enumerate() {
-                rows.act[((b * pairs + kk / 2) * 16 + lane) * 2 + kk % 2] = to_bf16(v);
+            for (f, &v) in rows.flat[r * sc.kp..].iter_mut().zip(h) {
+                *f = to_bf16(v);
             }
             rows.factor[r] = up(sc.c * norm);
             rows.slack[r] = up(MARGIN * f64::from(FLUSH) * sqrt_k * norm);
@@ -449,25 +435,13 @@ impl Rows {
     }
 }
 
-/// The per-row vectors of one row group in the screen kernel (`RV` vectors of 16 rows).
-#[cfg(target_arch = "x86_64")]
-struct Lanes<const RV: usize> {
-    r0: usize,
-    factor: [std::arch::x86_64::__m512; RV],
-    slack: [std::arch::x86_64::__m512; RV],
-    /// Running best lower end.
-    best: [std::arch::x86_64::__m512; RV],
-    /// Live rows of each vector.
-    mask: [u16; RV],
-}
-
-/// The screen kernel over columns `cols` for rows `r0..r0 + live` (`RV` vectors of 16 rows):
-/// a register tile of `RV x COLS` float32 accumulators over the bfloat16 products (rows in
-/// lanes, each column's pair of weights broadcast), then each column's interval, the running
-/// best lower end per row and the candidates.
+/// The screen kernel over columns `cols` for the `live` rows from `r0`: register tiles of up to
+/// [`FEW_CHUNK`] rows broadcast against [`FEW_TILES`] vectors of 16 columns (one pair of inputs
+/// each), then each (row, tile)'s intervals reduced to the row's best lower end, and the
+/// candidates.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16,fma")]
-unsafe fn scan_avx512<const RV: usize, const W: usize>(
+unsafe fn scan_few(
     sc: &ArgmaxScreen,
     rows: &Rows,
     r0: usize,
@@ -475,118 +449,151 @@ unsafe fn scan_avx512<const RV: usize, const W: usize>(
     cols: std::ops::Range<usize>,
     st: &mut ScanState,
 ) {
-    use std::arch::x86_64::*;
+    debug_assert_eq!(cols.start % COLS, 0, "tasks start on a tile");
     let pairs = sc.kp / 2;
-    let act = rows.act.as_ptr().add(r0 / 16 * pairs * 32);
-    let mut ln = Lanes::<RV> {
-        r0,
-        factor: [_mm512_setzero_ps(); RV],
-        slack: [_mm512_setzero_ps(); RV],
-        best: [_mm512_set1_ps(f32::NEG_INFINITY); RV],
-        mask: [0; RV],
-    };
-    for i in 0..RV {
-        ln.factor[i] = _mm512_loadu_ps(rows.factor.as_ptr().add(r0 + 16 * i));
-        ln.slack[i] = _mm512_loadu_ps(rows.slack.as_ptr().add(r0 + 16 * i));
-        let n = live.saturating_sub(16 * i).min(16);
-        ln.mask[i] = if n == 16 { 0xffff } else { (1u16 << n) - 1 };
-    }
+    let chunks = live.div_ceil(FEW_CHUNK);
     let mut j = cols.start;
-    debug_assert_eq!(j % COLS, 0, "tasks start on a tile");
     while j < cols.end {
-        if cols.end - j >= W {
-            let acc = products::<RV, W>(sc, act, j);
-            finish(sc, &mut ln, acc, j, W, st);
-            j += W;
-        } else {
-            let c = COLS.min(cols.end - j);
-            let acc = products::<RV, COLS>(sc, act, j);
-            finish(sc, &mut ln, acc, j, c, st);
-            j += c;
+        let tiles = (cols.end - j).div_ceil(COLS);
+        let step = if tiles >= FEW_TILES { FEW_TILES } else { 1 };
+        // The next step's tiles (contiguous, one 64-byte line per pair and tile), fetched
+        // while this step computes: each chunk of rows its share, at an even pace.
+        let next_tiles = (tiles - step).min(FEW_TILES);
+        let next = sc.w.as_ptr().wrapping_add((j / COLS + step) * sc.kp * COLS);
+        let lines = next_tiles * pairs;
+        let mut r = 0;
+        for ci in 0..chunks {
+            let n = (live - r).min(FEW_CHUNK);
+            let x = rows.flat.as_ptr().add((r0 + r) * sc.kp);
+            let pace = Pace {
+                next,
+                from: ci * lines / chunks,
+                to: (ci + 1) * lines / chunks,
+            };
+            let a = (sc, rows, x, r0, r, j, cols.end, pace);
+            match (n, step) {
+                (6, FEW_TILES) => few::<6, FEW_TILES>(a, st),
+                (5, FEW_TILES) => few::<5, FEW_TILES>(a, st),
+                (4, FEW_TILES) => few::<4, FEW_TILES>(a, st),
+                (3, FEW_TILES) => few::<3, FEW_TILES>(a, st),
+                (2, FEW_TILES) => few::<2, FEW_TILES>(a, st),
+                (1, FEW_TILES) => few::<1, FEW_TILES>(a, st),
+                (6, _) => few::<6, 1>(a, st),
+                (5, _) => few::<5, 1>(a, st),
+                (4, _) => few::<4, 1>(a, st),
+                (3, _) => few::<3, 1>(a, st),
+                (2, _) => few::<2, 1>(a, st),
+                _ => few::<1, 1>(a, st),
+            }
+            r += n;
         }
-    }
-    for (i, b) in ln.best.iter().enumerate() {
-        _mm512_storeu_ps(st.best.as_mut_ptr().add(16 * i), *b);
+        j += step * COLS;
     }
 }
 
-/// The screened products of `RV` vectors of 16 rows (`act`) with the `W / COLS` tiles of
-/// columns from column `j` (a multiple of [`COLS`]): a register tile of float32 accumulators
-/// (rows in lanes, each column's pair of weights broadcast), the tiles read in address order
-/// and prefetched ahead.
+/// Rows per register tile of [`scan_few`].
+const FEW_CHUNK: usize = 6;
+
+/// The lines `from..to` (64 bytes each) from `next` that one call of [`few`] prefetches.
+#[derive(Clone, Copy)]
+struct Pace {
+    next: *const u16,
+    from: usize,
+    to: usize,
+}
+
+/// The arguments of [`few`]: the screen, the rows, row `r`'s bfloat16 values, the row group's
+/// first row `r0`, `r`, the first column `j`, the task's end column, and the prefetch share.
+type FewArgs<'a> = (
+    &'a ArgmaxScreen,
+    &'a Rows,
+    *const u16,
+    usize,
+    usize,
+    usize,
+    usize,
+    Pace,
+);
+
+/// One pair of inputs of [`few`]: the `T` tiles' weight vectors against each row's pair.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16")]
 #[inline]
-unsafe fn products<const RV: usize, const W: usize>(
-    sc: &ArgmaxScreen,
-    act: *const u16,
-    j: usize,
-) -> [[std::arch::x86_64::__m512; W]; RV] {
+unsafe fn few_pair<const R: usize, const T: usize>(
+    acc: &mut [[std::arch::x86_64::__m512; T]; R],
+    wt: &[*const u16; T],
+    xp: *const i32,
+    pairs: usize,
+    g: usize,
+) {
     use std::arch::x86_64::*;
-    let pairs = sc.kp / 2;
-    let tile = sc.kp * COLS;
-    let wp = sc.w.as_ptr().add(j / COLS * tile) as *const i32;
-    let mut acc = [[_mm512_setzero_ps(); W]; RV];
-    for g in 0..pairs {
-        if g % 4 == 0 {
-            // 4 pairs x 6 columns x 4 bytes = 96 bytes of each tile: its next lines, ahead. A
-            // prefetch never faults, and the pointer is only formed, never read.
-            for t in 0..W / COLS {
-                let pf = wp.wrapping_add(t * tile / 2 + PREFETCH_AHEAD / 4 + g * COLS) as *const i8;
-                _mm_prefetch::<_MM_HINT_T0>(pf);
-                _mm_prefetch::<_MM_HINT_T0>(pf.wrapping_add(64));
-            }
-        }
-        let mut a = [bf16_pairs(_mm512_setzero_si512()); RV];
-        for (i, a) in a.iter_mut().enumerate() {
-            *a = bf16_pairs(_mm512_loadu_si512(act.add((i * pairs + g) * 32) as *const _));
-        }
-        for t in 0..W / COLS {
-            let wt = wp.add(t * tile / 2 + g * COLS);
-            for c in 0..COLS {
-                let b = bf16_pairs(_mm512_set1_epi32(wt.add(c).read_unaligned()));
-                for (row, a) in acc.iter_mut().zip(&a) {
-                    let x = &mut row[t * COLS + c];
-                    *x = _mm512_dpbf16_ps(*x, *a, b);
-                }
-            }
+    let mut w = [bf16_pairs(_mm512_setzero_si512()); T];
+    for (w, p) in w.iter_mut().zip(wt) {
+        *w = bf16_pairs(_mm512_loadu_si512(p.add(g * 2 * COLS) as *const _));
+    }
+    for (i, row) in acc.iter_mut().enumerate() {
+        let b = bf16_pairs(_mm512_set1_epi32(xp.add(i * pairs + g).read_unaligned()));
+        for (a, w) in row.iter_mut().zip(&w) {
+            *a = _mm512_dpbf16_ps(*a, *w, b);
         }
     }
-    acc
 }
 
-/// 32 bfloat16 values (pairs of inputs) as the operand type of `vdpbf16ps`.
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-fn bf16_pairs(x: std::arch::x86_64::__m512i) -> std::arch::x86_64::__m512bh {
-    // SAFETY: both are 512 bits of plain data.
-    unsafe { std::mem::transmute::<std::arch::x86_64::__m512i, std::arch::x86_64::__m512bh>(x) }
-}
+/// Tiles of 16 columns per register tile of [`scan_few`].
+const FEW_TILES: usize = 4;
 
-/// The intervals of the `c` columns from `j` whose screened products are in `acc`: the
-/// running best lower ends, and the candidates whose upper end reaches them.
+/// `R` rows (row-major bfloat16 at `x`, rows `r0 + r..`) against the `T` tiles from column `j`:
+/// `R x T` accumulators of 16 columns each, then each (row, tile)'s intervals, the row's best
+/// lower end (over the tile's live columns, below `end`) and the candidates.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,fma")]
-#[inline]
-unsafe fn finish<const RV: usize, const W: usize>(
-    sc: &ArgmaxScreen,
-    ln: &mut Lanes<RV>,
-    acc: [[std::arch::x86_64::__m512; W]; RV],
-    j: usize,
-    c: usize,
+#[target_feature(enable = "avx512f,avx512bf16,fma")]
+#[inline(never)]
+unsafe fn few<const R: usize, const T: usize>(
+    (sc, rows, x, r0, r, j, end, pace): FewArgs,
     st: &mut ScanState,
 ) {
     use std::arch::x86_64::*;
-    for cc in 0..c {
-        let jj = j + cc;
-        let norm = _mm512_set1_ps(sc.norm[jj]);
-        let slack = _mm512_set1_ps(sc.slack[jj]);
+    let pairs = sc.kp / 2;
+    let tile = sc.kp * COLS;
+    let wp = sc.w.as_ptr().add(j / COLS * tile);
+    let wt: [*const u16; T] = std::array::from_fn(|t| wp.add(t * tile));
+    let xp = x as *const i32;
+    let mut acc = [[_mm512_setzero_ps(); T]; R];
+    // This call's share of the next tiles, spread over its pairs (no division in the loop).
+    let (mut line, mut credit) = (pace.from, 0);
+    let share = pace.to - pace.from;
+    for g in 0..pairs {
+        credit += share;
+        while credit >= pairs {
+            credit -= pairs;
+            // A prefetch never faults; the pointer is only formed, never read.
+            _mm_prefetch::<_MM_HINT_T0>(pace.next.wrapping_add(line * 32) as *const i8);
+            line += 1;
+        }
+        few_pair(&mut acc, &wt, xp, pairs, g);
+    }
+    for t in 0..T {
+        let jt = j + t * COLS;
+        if jt >= end {
+            break;
+        }
+        let live = (end - jt).min(COLS);
+        let mask: __mmask16 = if live == COLS {
+            0xffff
+        } else {
+            (1u16 << live) - 1
+        };
+        let norm = _mm512_loadu_ps(sc.norm.as_ptr().add(jt));
+        let slack = _mm512_loadu_ps(sc.slack.as_ptr().add(jt));
         for (i, row) in acc.iter().enumerate() {
-            let y = row[cc];
-            let t = _mm512_fmadd_ps(ln.factor[i], norm, _mm512_add_ps(ln.slack[i], slack));
-            let hi = _mm512_add_ps(y, t);
-            ln.best[i] = _mm512_max_ps(ln.best[i], _mm512_sub_ps(y, t));
-            let hit = _mm512_mask_cmp_ps_mask::<_CMP_GE_OQ>(ln.mask[i], hi, ln.best[i]);
+            let ri = r0 + r + i;
+            let f = _mm512_set1_ps(rows.factor[ri]);
+            let s = _mm512_set1_ps(rows.slack[ri]);
+            let tt = _mm512_fmadd_ps(f, norm, _mm512_add_ps(s, slack));
+            let (lo, hi) = (_mm512_sub_ps(row[t], tt), _mm512_add_ps(row[t], tt));
+            let best = &mut st.best[r + i];
+            *best = best.max(_mm512_mask_reduce_max_ps(mask, lo));
+            let hit = _mm512_mask_cmp_ps_mask::<_CMP_GE_OQ>(mask, hi, _mm512_set1_ps(*best));
             if hit != 0 {
                 let mut his = [0f32; 16];
                 _mm512_storeu_ps(his.as_mut_ptr(), hi);
@@ -595,8 +602,8 @@ unsafe fn finish<const RV: usize, const W: usize>(
                     let lane = bits.trailing_zeros() as usize;
                     bits &= bits - 1;
                     st.cands.push(Candidate {
-                        row: (ln.r0 + 16 * i + lane) as u32,
-                        col: jj as u32,
+                        row: ri as u32,
+                        col: (jt + lane) as u32,
                         hi: his[lane],
                     });
                 }
@@ -604,13 +611,17 @@ unsafe fn finish<const RV: usize, const W: usize>(
         }
     }
     if st.cands.len() >= st.prune_at {
-        for (i, b) in ln.best.iter().enumerate() {
-            _mm512_storeu_ps(st.best.as_mut_ptr().add(16 * i), *b);
-        }
         st.prune();
-        // Keep pruning cheap when many columns stay in the running.
         st.prune_at = st.prune_at.max(2 * st.cands.len());
     }
+}
+
+/// 32 bfloat16 values (pairs of inputs) as the operand type of `vdpbf16ps`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn bf16_pairs(x: std::arch::x86_64::__m512i) -> std::arch::x86_64::__m512bh {
+    // SAFETY: both are 512 bits of plain data.
+    unsafe { std::mem::transmute::<std::arch::x86_64::__m512i, std::arch::x86_64::__m512bh>(x) }
 }
 
 #[cfg(not(target_arch = "x86_64"))]
@@ -722,6 +733,13 @@ mod tests {
             bad[5] = f32::NAN;
             assert!(screen.argmax(&bad, 4, &packed).is_none(), "a NaN input");
             assert_eq!(screen.argmax(&[], 0, &packed), Some(Vec::new()));
+        }
+        // 300 equal columns: all stay candidates, more than a row may keep.
+        let same: Vec<f32> = (0..k * n).map(|i| w[i / n * n]).collect();
+        let packed = Panels::pack(&same, k, n);
+        if let Some(screen) = ArgmaxScreen::build(&packed) {
+            assert!(n > MAX_CANDIDATES);
+            assert!(screen.argmax(&x, 4, &packed).is_none(), "equal columns");
         }
         let mut inf = w.clone();
         inf[7] = f32::INFINITY;
