@@ -481,11 +481,12 @@ fn wide_batches_split_by_rows_across_threads_decode_the_same() {
 fn greedy_rows_through_the_lm_head_screen_pick_the_same_tokens() {
     use blockformer::config::{BlockConfig, ModelConfig, NeoXConfig};
     use blockformer::kernels::screen;
-    // Vocabularies of a few thousand: enough columns for the screen's tasks and tiles; 20
-    // rows: two row vectors, one of them partial.
+    // Vocabularies just above the screen's minimum (odd sizes: a partial last tile); 20 rows:
+    // several register tiles, the last one partial.
+    let v = screen::MIN_COLUMNS + 7;
     for cfg in [
-        ModelConfig::Vanilla(NeoXConfig::pythia(3001, 2, 64, 4, 256)),
-        ModelConfig::Block(BlockConfig::main(4, 2999, 1, 64)),
+        ModelConfig::Vanilla(NeoXConfig::pythia(v, 2, 64, 4, 256)),
+        ModelConfig::Block(BlockConfig::main(4, v + 2, 1, 64)),
     ] {
         let mut model = Model::random(&cfg, 9, &candle_core::Device::Cpu).unwrap();
         model.pack_for_host().unwrap();

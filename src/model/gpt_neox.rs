@@ -115,14 +115,17 @@ impl Linear {
     }
 
     /// Keeps a bfloat16 screen of the packed float32 weight for greedy decoding's argmax
-    /// ([`Linear::argmax_rows`]), where the CPU has AVX-512 BF16 and the layer no bias;
+    /// ([`Linear::argmax_rows`]), where the CPU has AVX-512 BF16, the layer no bias and at
+    /// least [`crate::kernels::screen::MIN_COLUMNS`] outputs;
     /// `BLOCKFORMER_SCREEN=0` turns it off (the full float32 scan, same answers).
     pub fn build_screen(&mut self) {
         if self.screen.is_some() || self.bias.is_some() || !screen_enabled() {
             return;
         }
         if let Some(p) = self.packed.as_ref().filter(|p| !p.is_q8_0()) {
-            self.screen = ArgmaxScreen::build(p).map(Arc::new);
+            if p.n() >= crate::kernels::screen::MIN_COLUMNS {
+                self.screen = ArgmaxScreen::build(p).map(Arc::new);
+            }
         }
     }
 
