@@ -65,7 +65,7 @@ pub struct Linear {
     /// by [`Linear::pack`]; see [`crate::kernels::panel`]).
     pub packed: Option<Arc<Panels>>,
     /// Greedy decoding's bfloat16 screen of the packed weight (the LM head on CPUs with
-    /// AVX-512 BF16; see [`crate::kernels::screen`]): the same argmax, about twice as fast.
+    /// AVX-512 BF16; see [`crate::kernels::screen`]): the same argmax, 1.5-1.75x faster.
     pub screen: Option<Arc<ArgmaxScreen>>,
 }
 

@@ -270,9 +270,7 @@ impl Model {
             .into_iter()
             .try_for_each(Linear::pack)?;
         // Greedy decoding's argmax through the LM head's bfloat16 screen.
-        if let Some(head) = self.decode_linears_mut().pop() {
-            head.build_screen();
-        }
+        self.lm_head_mut().build_screen();
         Ok(())
     }
 
@@ -309,6 +307,13 @@ impl Model {
         match &self.arch {
             Arch::Block(bt) => &bt.token_decoder.embed_out,
             Arch::Vanilla(v) => &v.embed_out,
+        }
+    }
+
+    fn lm_head_mut(&mut self) -> &mut Linear {
+        match &mut self.arch {
+            Arch::Block(bt) => &mut bt.token_decoder.embed_out,
+            Arch::Vanilla(v) => &mut v.embed_out,
         }
     }
 
