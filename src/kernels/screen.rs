@@ -23,6 +23,7 @@
 
 use super::panel::{Panels, PANEL};
 use rayon::prelude::*;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 /// Columns from which an LM head keeps a screen ([`crate::model::gpt_neox::Linear::build_screen`]):
 /// below that the float32 head is a small share of a step and the screen's fixed costs (the
@@ -252,6 +253,7 @@ impl ArgmaxScreen {
             return Some(Vec::new());
         }
         let rows = Rows::new(x, m, k, self)?;
+        let shared = Floors::new(m);
         let groups = m.div_ceil(GROUP_ROWS);
         let chunks = self.n.div_ceil(TASK_COLS);
         // Per task: its row group, the best lower end of each of its rows, and its candidates
@@ -262,7 +264,7 @@ impl ArgmaxScreen {
             .map(|t| {
                 let (g, c) = (t / chunks, t % chunks);
                 let cols = c * TASK_COLS..((c + 1) * TASK_COLS).min(self.n);
-                let (best, cands) = self.scan_group(&rows, g, cols);
+                let (best, cands) = self.scan_group(&rows, g, cols, &shared);
                 (g, best, cands)
             })
             .collect();
@@ -304,12 +306,15 @@ impl ArgmaxScreen {
     }
 
     /// The screen over columns `cols` for row group `g`: each row's best lower end and the
-    /// columns whose upper end reached the row's best lower end when they were scanned.
+    /// columns whose upper end reached the row's best lower end when they were scanned. The
+    /// task starts from the best lower ends that earlier tasks published in `shared`, and
+    /// publishes its own.
     fn scan_group(
         &self,
         rows: &Rows,
         g: usize,
         cols: std::ops::Range<usize>,
+        shared: &Floors,
     ) -> (Vec<f32>, Vec<Candidate>) {
         let r0 = g * GROUP_ROWS;
         let live = (rows.m - r0).min(GROUP_ROWS);
@@ -319,6 +324,9 @@ impl ArgmaxScreen {
             cands: Vec::with_capacity(4 * live),
             prune_at: 16 * live,
         };
+        for (i, b) in st.best[..live].iter_mut().enumerate() {
+            *b = shared.get(r0 + i);
+        }
         #[cfg(target_arch = "x86_64")]
         {
             // SAFETY: the screen is built only where AVX-512 BF16 is present (`supported`).
@@ -327,7 +335,55 @@ impl ArgmaxScreen {
         #[cfg(not(target_arch = "x86_64"))]
         unreachable!("the screen is built only on x86-64 with AVX-512 BF16");
         st.prune();
+        for (i, &b) in st.best[..live].iter().enumerate() {
+            shared.raise(r0 + i, b);
+        }
         (st.best[..live].to_vec(), st.cands)
+    }
+}
+
+/// Each row's best lower end found so far by any task of one call (float32 bits): a task
+/// that starts from it keeps only the columns that can still beat it, instead of every
+/// column until its own scan has found a good one (with 33 tasks a row, most of the
+/// candidates; any lower end of a real column is a valid floor, so the order in which tasks
+/// publish changes which columns are kept, never the answer).
+struct Floors(Vec<AtomicU32>);
+
+#[cfg(test)]
+impl Clone for Floors {
+    fn clone(&self) -> Floors {
+        Floors(
+            self.0
+                .iter()
+                .map(|a| AtomicU32::new(a.load(Ordering::Relaxed)))
+                .collect(),
+        )
+    }
+}
+
+impl Floors {
+    fn new(m: usize) -> Floors {
+        Floors(
+            (0..m)
+                .map(|_| AtomicU32::new(f32::NEG_INFINITY.to_bits()))
+                .collect(),
+        )
+    }
+
+    fn get(&self, row: usize) -> f32 {
+        f32::from_bits(self.0[row].load(Ordering::Relaxed))
+    }
+
+    /// Raises row `row`'s floor to `v` (if higher).
+    fn raise(&self, row: usize, v: f32) {
+        let a = &self.0[row];
+        let mut cur = a.load(Ordering::Relaxed);
+        while f32::from_bits(cur) < v {
+            match a.compare_exchange_weak(cur, v.to_bits(), Ordering::Relaxed, Ordering::Relaxed) {
+                Ok(_) => break,
+                Err(now) => cur = now,
+            }
+        }
     }
 }
 
@@ -750,8 +806,16 @@ mod tests {
             let packed = Panels::pack(&w, k, n);
             let sc = ArgmaxScreen::build(&packed).unwrap();
             let rows = Rows::new(&x, m, k, &sc).unwrap();
+            // A task that starts cold, and one that starts from the floor a task over the
+            // other half of the columns published.
+            let seeded = Floors::new(m);
             for g in 0..m.div_ceil(GROUP_ROWS) {
-                let (best, cands) = sc.scan_group(&rows, g, 0..n);
+                sc.scan_group(&rows, g, n / 2 / COLS * COLS..n, &seeded);
+            }
+            for (g, floors) in
+                (0..m.div_ceil(GROUP_ROWS)).flat_map(|g| [(g, Floors::new(m)), (g, seeded.clone())])
+            {
+                let (best, cands) = sc.scan_group(&rows, g, 0..n, &floors);
                 for (i, floor) in best.iter().enumerate() {
                     let r = g * GROUP_ROWS + i;
                     let y: Vec<f32> = (0..n)
