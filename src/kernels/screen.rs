@@ -635,6 +635,9 @@ unsafe fn few<const R: usize, const T: usize>(
         }
         few_pair(&mut acc, &wt, xp, pairs, g);
     }
+    if j + T * COLS <= end {
+        return few_intervals(sc, rows, r, j, &acc, st);
+    }
     for t in 0..T {
         let jt = j + t * COLS;
         if jt >= end {
@@ -658,22 +661,83 @@ unsafe fn few<const R: usize, const T: usize>(
             *best = best.max(_mm512_mask_reduce_max_ps(mask, lo));
             let hit = _mm512_mask_cmp_ps_mask::<_CMP_GE_OQ>(mask, hi, _mm512_set1_ps(*best));
             if hit != 0 {
-                let mut his = [0f32; 16];
-                _mm512_storeu_ps(his.as_mut_ptr(), hi);
-                let mut bits = hit;
-                while bits != 0 {
-                    let lane = bits.trailing_zeros() as usize;
-                    bits &= bits - 1;
-                    st.cands.push(Candidate {
-                        row: ri as u32,
-                        col: (jt + lane) as u32,
-                        hi: his[lane],
-                    });
-                }
+                push_hits(st, ri, jt, hit, hi);
             }
         }
     }
     st.prune_if_long();
+}
+
+/// The epilogue of [`few`] where all `T` tiles hold live columns: per row, the intervals of
+/// its `16 T` columns, one reduction of their lower ends into the row's best (a lane-wise
+/// maximum over the tiles first), then the columns whose upper end reaches it. A quarter of the
+/// instructions of a reduction and a comparison per tile, on every call.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,fma")]
+#[inline]
+unsafe fn few_intervals<const R: usize, const T: usize>(
+    sc: &ArgmaxScreen,
+    rows: &Rows,
+    r: usize,
+    j: usize,
+    acc: &[[std::arch::x86_64::__m512; T]; R],
+    st: &mut ScanState,
+) {
+    use std::arch::x86_64::*;
+    let norm: [__m512; T] =
+        std::array::from_fn(|t| _mm512_loadu_ps(sc.norm.as_ptr().add(j + t * COLS)));
+    let slack: [__m512; T] =
+        std::array::from_fn(|t| _mm512_loadu_ps(sc.slack.as_ptr().add(j + t * COLS)));
+    let ri0 = st.r0 + r;
+    let (factor, row_slack) = (&rows.factor[ri0..ri0 + R], &rows.slack[ri0..ri0 + R]);
+    for i in 0..R {
+        let f = _mm512_set1_ps(factor[i]);
+        let s = _mm512_set1_ps(row_slack[i]);
+        let mut top = _mm512_set1_ps(f32::NEG_INFINITY);
+        let mut hi = [_mm512_setzero_ps(); T];
+        for t in 0..T {
+            let tt = _mm512_fmadd_ps(f, norm[t], _mm512_add_ps(s, slack[t]));
+            top = _mm512_max_ps(top, _mm512_sub_ps(acc[i][t], tt));
+            hi[t] = _mm512_add_ps(acc[i][t], tt);
+        }
+        let top = _mm512_reduce_max_ps(top);
+        if top > st.best[r + i] {
+            st.best[r + i] = top;
+        }
+        let floor = _mm512_set1_ps(st.best[r + i]);
+        for (t, hi) in hi.iter().enumerate() {
+            let hit = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(*hi, floor);
+            if hit != 0 {
+                push_hits(st, ri0 + i, j + t * COLS, hit, *hi);
+            }
+        }
+    }
+    st.prune_if_long();
+}
+
+/// Appends the columns of `hit` (lanes of the tile from column `jt`) as candidates of row `ri`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline(never)]
+unsafe fn push_hits(
+    st: &mut ScanState,
+    ri: usize,
+    jt: usize,
+    hit: std::arch::x86_64::__mmask16,
+    hi: std::arch::x86_64::__m512,
+) {
+    let mut his = [0f32; 16];
+    std::arch::x86_64::_mm512_storeu_ps(his.as_mut_ptr(), hi);
+    let mut bits = hit;
+    while bits != 0 {
+        let lane = bits.trailing_zeros() as usize;
+        bits &= bits - 1;
+        st.cands.push(Candidate {
+            row: ri as u32,
+            col: (jt + lane) as u32,
+            hi: his[lane],
+        });
+    }
 }
 
 /// 32 bfloat16 values (pairs of inputs) as the operand type of `vdpbf16ps`.
