@@ -256,28 +256,21 @@ impl ArgmaxScreen {
         let shared = Floors::new(m);
         let groups = m.div_ceil(GROUP_ROWS);
         let chunks = self.n.div_ceil(TASK_COLS);
-        // Per task: its row group, the best lower end of each of its rows, and its candidates
-        // (row, column, upper end).
-        let parts: Vec<(usize, Vec<f32>, Vec<Candidate>)> = (0..groups * chunks)
+        // Per task: its candidates (row, column, upper end).
+        let parts: Vec<Vec<Candidate>> = (0..groups * chunks)
             .into_par_iter()
             .with_min_len(super::min_len())
             .map(|t| {
                 let (g, c) = (t / chunks, t % chunks);
                 let cols = c * TASK_COLS..((c + 1) * TASK_COLS).min(self.n);
-                let (best, cands) = self.scan_group(&rows, g, cols, &shared);
-                (g, best, cands)
+                self.scan_group(&rows, g, cols, &shared)
             })
             .collect();
-        let mut floor = vec![f32::NEG_INFINITY; m];
-        for (g, best, _) in &parts {
-            for (f, b) in floor[g * GROUP_ROWS..].iter_mut().zip(best) {
-                *f = f.max(*b);
-            }
-        }
+        // Every task has published its rows' best lower ends: `shared` holds each row's best.
         let mut cands: Vec<Candidate> = parts
             .into_iter()
-            .flat_map(|(_, _, c)| c)
-            .filter(|c| c.hi >= floor[c.row as usize])
+            .flatten()
+            .filter(|c| c.hi >= shared.get(c.row as usize))
             .collect();
         cands.sort_unstable_by_key(|c| (c.row, c.col));
         // Each row's candidates, in column order (every row has some: the column of its best
@@ -305,17 +298,16 @@ impl ArgmaxScreen {
         Some(out)
     }
 
-    /// The screen over columns `cols` for row group `g`: each row's best lower end and the
-    /// columns whose upper end reached the row's best lower end when they were scanned. The
-    /// task starts from the best lower ends that earlier tasks published in `shared`, and
-    /// publishes its own.
+    /// The screen over columns `cols` for row group `g`: the columns whose upper end reached
+    /// the row's best lower end when they were scanned. The task starts from the best lower
+    /// ends that earlier tasks published in `shared`, and publishes its own there.
     fn scan_group(
         &self,
         rows: &Rows,
         g: usize,
         cols: std::ops::Range<usize>,
         shared: &Floors,
-    ) -> (Vec<f32>, Vec<Candidate>) {
+    ) -> Vec<Candidate> {
         let r0 = g * GROUP_ROWS;
         let live = (rows.m - r0).min(GROUP_ROWS);
         let mut st = ScanState {
@@ -331,7 +323,7 @@ impl ArgmaxScreen {
         {
             // SAFETY: the screen is built only where AVX-512 BF16 is present (`supported`).
             unsafe {
-                if live <= FEW_FEW_ROWS {
+                if live <= SMALL_CALL_ROWS {
                     scan_few::<8, 3>(self, rows, live, cols, &mut st)
                 } else {
                     scan_few::<6, 4>(self, rows, live, cols, &mut st)
@@ -344,7 +336,7 @@ impl ArgmaxScreen {
         for (i, &b) in st.best[..live].iter().enumerate() {
             shared.raise(r0 + i, b);
         }
-        (st.best[..live].to_vec(), st.cands)
+        st.cands
     }
 }
 
@@ -503,7 +495,7 @@ impl Rows {
 
 /// The screen kernel over columns `cols` for the `live` rows from `r0`: register tiles of up to
 /// `CH` rows broadcast against `TL` vectors of 16 columns (one pair of inputs each; see
-/// [`FEW_FEW_ROWS`]), then each (row, tile)'s intervals reduced to the row's best lower end, and the
+/// [`SMALL_CALL_ROWS`]), then each (row, tile)'s intervals reduced to the row's best lower end, and the
 /// candidates.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16,fma")]
@@ -566,7 +558,7 @@ unsafe fn scan_few<const CH: usize, const TL: usize>(
 /// Register tiles of [`scan_few`], as (rows, tiles of 16 columns): up to 16 rows, 8 x 3 (two
 /// chunks re-read a step's weights, not three: 16x768x50304 2.06-2.17 -> 1.79-1.93 ms); more
 /// rows, 6 x 4 (at 64 rows 1-3% faster end to end than 8 x 3).
-const FEW_FEW_ROWS: usize = 16;
+const SMALL_CALL_ROWS: usize = 16;
 
 /// The lines `from..to` (64 bytes each) from `next` that one call of [`few`] prefetches.
 #[derive(Clone, Copy)]
@@ -644,43 +636,13 @@ unsafe fn few<const R: usize, const T: usize>(
         }
         few_pair(&mut acc, &wt, xp, pairs, g);
     }
-    if j + T * COLS <= end {
-        return few_intervals(sc, rows, r, j, &acc, st);
-    }
-    for t in 0..T {
-        let jt = j + t * COLS;
-        if jt >= end {
-            break;
-        }
-        let live = (end - jt).min(COLS);
-        let mask: __mmask16 = if live == COLS {
-            0xffff
-        } else {
-            (1u16 << live) - 1
-        };
-        let norm = _mm512_loadu_ps(sc.norm.as_ptr().add(jt));
-        let slack = _mm512_loadu_ps(sc.slack.as_ptr().add(jt));
-        for (i, row) in acc.iter().enumerate() {
-            let ri = r0 + r + i;
-            let f = _mm512_set1_ps(rows.factor[ri]);
-            let s = _mm512_set1_ps(rows.slack[ri]);
-            let tt = _mm512_fmadd_ps(f, norm, _mm512_add_ps(s, slack));
-            let (lo, hi) = (_mm512_sub_ps(row[t], tt), _mm512_add_ps(row[t], tt));
-            let best = &mut st.best[r + i];
-            *best = best.max(_mm512_mask_reduce_max_ps(mask, lo));
-            let hit = _mm512_mask_cmp_ps_mask::<_CMP_GE_OQ>(mask, hi, _mm512_set1_ps(*best));
-            if hit != 0 {
-                push_hits(st, ri, jt, hit, hi);
-            }
-        }
-    }
-    st.prune_if_long();
+    few_intervals(sc, rows, r, j, end, &acc, st);
 }
 
-/// The epilogue of [`few`] where all `T` tiles hold live columns: per row, the intervals of
-/// its `16 T` columns, one reduction of their lower ends into the row's best (a lane-wise
-/// maximum over the tiles first), then the columns whose upper end reaches it. A quarter of the
-/// instructions of a reduction and a comparison per tile, on every call.
+/// The epilogue of [`few`]: per row, the intervals of its `16 T` columns (the live ones, below
+/// `end`), one reduction of their lower ends into the row's best (a lane-wise maximum over the
+/// tiles first), then the columns whose upper end reaches it (a quarter of the instructions of
+/// a reduction and a comparison per tile, on every call).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,fma")]
 #[inline]
@@ -689,10 +651,17 @@ unsafe fn few_intervals<const R: usize, const T: usize>(
     rows: &Rows,
     r: usize,
     j: usize,
+    end: usize,
     acc: &[[std::arch::x86_64::__m512; T]; R],
     st: &mut ScanState,
 ) {
     use std::arch::x86_64::*;
+    // A call's tiles all start below `end` (`scan_few` takes `T` tiles only where as many
+    // remain); only the last may be partial.
+    let live: [__mmask16; T] = std::array::from_fn(|t| {
+        let n = (end - (j + t * COLS)).min(COLS);
+        (((1u32 << n) - 1) & 0xffff) as __mmask16
+    });
     let norm: [__m512; T] =
         std::array::from_fn(|t| _mm512_loadu_ps(sc.norm.as_ptr().add(j + t * COLS)));
     let slack: [__m512; T] =
@@ -706,7 +675,7 @@ unsafe fn few_intervals<const R: usize, const T: usize>(
         let mut hi = [_mm512_setzero_ps(); T];
         for t in 0..T {
             let tt = _mm512_fmadd_ps(f, norm[t], _mm512_add_ps(s, slack[t]));
-            top = _mm512_max_ps(top, _mm512_sub_ps(acc[i][t], tt));
+            top = _mm512_mask_max_ps(top, live[t], top, _mm512_sub_ps(acc[i][t], tt));
             hi[t] = _mm512_add_ps(acc[i][t], tt);
         }
         let top = _mm512_reduce_max_ps(top);
@@ -715,7 +684,7 @@ unsafe fn few_intervals<const R: usize, const T: usize>(
         }
         let floor = _mm512_set1_ps(st.best[r + i]);
         for (t, hi) in hi.iter().enumerate() {
-            let hit = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(*hi, floor);
+            let hit = _mm512_mask_cmp_ps_mask::<_CMP_GE_OQ>(live[t], *hi, floor);
             if hit != 0 {
                 push_hits(st, ri0 + i, j + t * COLS, hit, *hi);
             }
@@ -888,21 +857,21 @@ mod tests {
             for (g, floors) in
                 (0..m.div_ceil(GROUP_ROWS)).flat_map(|g| [(g, Floors::new(m)), (g, seeded.clone())])
             {
-                let (best, cands) = sc.scan_group(&rows, g, 0..n, &floors);
-                for (i, floor) in best.iter().enumerate() {
-                    let r = g * GROUP_ROWS + i;
+                let cands = sc.scan_group(&rows, g, 0..n, &floors);
+                for r in g * GROUP_ROWS..(m.min((g + 1) * GROUP_ROWS)) {
+                    let floor = floors.get(r);
                     let y: Vec<f32> = (0..n)
                         .map(|j| exact_logit(&x[r * k..(r + 1) * k], packed.column(j).unwrap()))
                         .collect();
                     let top = y.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
                     assert!(
-                        *floor <= top,
+                        floor <= top,
                         "row {r}: floor {floor} above the maximum {top}"
                     );
                     let kept = cands.iter().filter(|c| c.row as usize == r).count();
                     assert!(kept < n / 4, "row {r}: {kept} of {n} columns kept");
                     for (j, &yj) in y.iter().enumerate() {
-                        if yj >= *floor {
+                        if yj >= floor {
                             assert!(
                                 cands
                                     .iter()
