@@ -245,6 +245,28 @@ fn memory_model_and_auto_tune() {
         e.contains("--memory-budget") && e.contains("one row"),
         "{e}"
     );
+
+    // A given batch is checked against the memory left beside the loaded weights; the
+    // suggestion rounds as the auto-tune does (9 rows fit: 8).
+    let w = |batch| Workload {
+        batch,
+        prompt_len: 3,
+        new_tokens: 3,
+    };
+    bench::check_batch_fits(&model, &w(7), KvDtype::F32, 7 * per).unwrap();
+    let e = bench::check_batch_fits(&model, &w(40), KvDtype::F32, 9 * per + 1)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("--batch-size")
+            && e.contains("batch 40")
+            && e.contains("largest batch that fits is 8"),
+        "{e}"
+    );
+    let e = bench::check_batch_fits(&model, &w(2), KvDtype::F32, per / 2)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("not even one row fits"), "{e}");
 }
 
 #[test]
@@ -823,6 +845,19 @@ fn cli_rejects_bad_flags() {
         (
             &["bench", "--preset", "vanilla_31", "--setting", "custom"],
             "--prompt-len",
+        ),
+        (
+            &[
+                "bench",
+                "--preset",
+                "vanilla_31",
+                "--setting",
+                "prefill-heavy",
+                "--batch-size",
+                "100000000",
+                "--no-roofline",
+            ],
+            "largest batch that fits",
         ),
         (
             &[

@@ -811,6 +811,36 @@ pub fn auto_batch(
     }
 }
 
+/// Refuses a given batch whose KV caches and activations (the weights are loaded already)
+/// need more than the `available` bytes of memory left: such a run would swap or be killed by
+/// the kernel part-way. The error names the largest batch that fits.
+pub fn check_batch_fits(model: &Model, w: &Workload, kv: KvDtype, available: usize) -> Result<()> {
+    let mm = memory_model(model, w.prompt_len, w.new_tokens, kv);
+    let need = mm.total(w.batch) - mm.weights;
+    if need <= available {
+        return Ok(());
+    }
+    let fit = match mm.largest_batch(available + mm.weights, 0, w.batch) {
+        Some(b) => format!("the largest batch that fits is {b}"),
+        None => "not even one row fits".to_string(),
+    };
+    Err(Error::input(
+        "--batch-size",
+        format!(
+            "batch {} at {}+{} needs {} ({} x {} of KV caches + {} of activations) beyond the \
+             loaded weights, but only {} of memory is available: {fit}",
+            w.batch,
+            w.prompt_len,
+            w.new_tokens,
+            report::bytes(need),
+            w.batch,
+            report::bytes(mm.kv_per_sample),
+            report::bytes(mm.activations(w.batch)),
+            report::bytes(available),
+        ),
+    ))
+}
+
 /// Throughput of model A over model B at each batch size both ran (and setting).
 #[derive(Clone, Debug, Serialize)]
 pub struct Ratio {

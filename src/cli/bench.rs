@@ -477,6 +477,17 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                     });
                     continue;
                 }
+                if budget.is_none() {
+                    // A given batch: refuse one that cannot fit before allocating it.
+                    let available = match gpu_free {
+                        Some(_) => bench::device_memory(&dev).map(|(free, _)| free),
+                        None => bench::mem_available(),
+                    };
+                    if let Some(available) = available {
+                        bench::check_batch_fits(&model, &w, spec.kv_dtype, available)
+                            .with_context(|| format!("{name}, {}", s.name()))?;
+                    }
+                }
                 if a.reprobe_each && measured > 0 {
                     say("probing this machine again (--reprobe-each)...");
                     machine = Some(Machine::load_or_probe(cache.as_deref(), true)?.0);
