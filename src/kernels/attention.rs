@@ -522,7 +522,7 @@ thread_local! {
 /// matmuls: `q` holds the rotated queries `[n, heads * hd]` (as left by
 /// [`cached_attention_split`]) and is overwritten with the attention output; keys and values
 /// come from the cache. Each head's keys (transposed) and values are packed once into column
-/// panels; then tasks (head, tile of [`DENSE_TILE`] queries) run in parallel: scores `Q K^T`
+/// panels; then tasks (head, tile of `DENSE_TILE` (128) queries) run in parallel: scores `Q K^T`
 /// of the tile against the keys up to its last query, masked unnormalized softmax, `P V`, and
 /// the division by the row sums, with the panel kernel. Same result as the online kernel, at
 /// matmul speed.

@@ -3,13 +3,13 @@
 //!
 //! - [`masked_softmax`]: the scores `[span, heads, n_q, t]` of the batched `q k^T` (model
 //!   dtype) to probabilities in one pass; row `(s, h, q)` attends to keys `0..=limit[s, q]`.
-//!   The composed form ([`reference`]: cast to float32, scale, add a `-1e30` mask, softmax,
+//!   The composed form ([`reference()`]: cast to float32, scale, add a `-1e30` mask, softmax,
 //!   cast back) moves every score through memory about ten times; the op reads each score
 //!   once and writes each probability once, with the same float32 arithmetic.
 //! - [`decode_attention`]: one query per (slot, head) straight over the KV pool (no scores
 //!   tensor): each key and value row up to the slot's limit is read once, with an online
 //!   softmax in float32 ([`decode_reference`]: the two batched matmuls around
-//!   [`reference`]).
+//!   [`reference()`]).
 //! - [`qkv_rotary`]: a layer's QKV projection to per-head queries, keys and values with the
 //!   rotary embedding applied, one read and one write of each element
 //!   ([`qkv_rotary_reference`]: transposes, narrows, candle's rope and a concatenation, each a
@@ -301,7 +301,7 @@ pub fn decode_attention(
     q.contiguous()?.apply_op3_no_bwd(kpool, vpool, &op)
 }
 
-/// The composed twin of [`decode_attention`]: `q k^T` over positions `0..t`, [`reference`],
+/// The composed twin of [`decode_attention`]: `q k^T` over positions `0..t`, [`reference()`],
 /// then `p v`.
 pub fn decode_reference(
     q: &Tensor,
