@@ -183,6 +183,11 @@ fn bad_flags_and_inputs_give_clear_errors() {
             "--dtype f8: expected f32, bf16 or f16",
         ),
         (&["--ids", "1", "--batch-size", "0"], "--batch-size"),
+        // Refused before one copy of the prompt per row is made.
+        (
+            &["--ids", "1", "--batch-size", "18446744073709551615"],
+            "largest batch that fits",
+        ),
         (&[], "nothing to generate from"),
     ];
     for (extra, want) in cases {

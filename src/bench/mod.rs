@@ -816,8 +816,14 @@ pub fn auto_batch(
 /// the kernel part-way. The error names the largest batch that fits.
 pub fn check_batch_fits(model: &Model, w: &Workload, kv: KvDtype, available: usize) -> Result<()> {
     let mm = memory_model(model, w.prompt_len, w.new_tokens, kv);
-    let need = mm.total(w.batch) - mm.weights;
-    if need <= available {
+    // `batch * per row` bounds the need from above; past `usize` it cannot fit anyway.
+    let per = mm.kv_per_sample + mm.activations_per_sample;
+    let need = w
+        .batch
+        .checked_mul(per)
+        .and_then(|b| b.checked_add(mm.weights))
+        .map(|_| mm.total(w.batch) - mm.weights);
+    if need.is_some_and(|n| n <= available) {
         return Ok(());
     }
     let fit = match mm.largest_batch(available + mm.weights, 0, w.batch) {
@@ -827,15 +833,24 @@ pub fn check_batch_fits(model: &Model, w: &Workload, kv: KvDtype, available: usi
     Err(Error::input(
         "--batch-size",
         format!(
-            "batch {} at {}+{} needs {} ({} x {} of KV caches + {} of activations) beyond the \
-             loaded weights, but only {} of memory is available: {fit}",
+            "batch {} at {}+{} needs {} beyond the loaded weights, but only {} of memory is \
+             available: {fit}",
             w.batch,
             w.prompt_len,
             w.new_tokens,
-            report::bytes(need),
-            w.batch,
-            report::bytes(mm.kv_per_sample),
-            report::bytes(mm.activations(w.batch)),
+            match need {
+                Some(n) => format!(
+                    "{} ({} x {} of KV caches + {} of activations)",
+                    report::bytes(n),
+                    w.batch,
+                    report::bytes(mm.kv_per_sample),
+                    report::bytes(mm.activations(w.batch))
+                ),
+                None => format!(
+                    "more than can be counted ({} of KV caches per row)",
+                    report::bytes(mm.kv_per_sample)
+                ),
+            },
             report::bytes(available),
         ),
     ))

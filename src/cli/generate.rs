@@ -137,10 +137,16 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     if prompts.is_empty() {
         bail!("nothing to generate from: give --prompt TEXT, --ids IDS or --random-prompt-len N");
     }
+    // One prompt with --batch-size N > 1 is repeated N times: check before making the copies.
+    let rows = if prompts.len() == 1 {
+        a.batch_size
+    } else {
+        a.batch_size.min(prompts.len())
+    };
+    check_memory(&loaded.model, rows, &prompts, &a)?;
     if prompts.len() == 1 && a.batch_size > 1 {
         prompts = vec![prompts[0].clone(); a.batch_size];
     }
-
     let model = Arc::new(loaded.model);
     let eos = (!a.ignore_eos).then(|| model.config.eos_token_id());
     let positions = match a.compat {
@@ -240,4 +246,29 @@ pub fn run(a: Args) -> anyhow::Result<()> {
 
 fn join(ids: &[u32]) -> String {
     ids.iter().map(u32::to_string).collect::<Vec<_>>().join(" ")
+}
+
+/// Refuses a batch of `rows` decoded together that cannot fit in memory (the bench's memory
+/// model at the longest prompt): such a run would swap or be killed part-way.
+fn check_memory(
+    model: &blockformer::model::Model,
+    rows: usize,
+    prompts: &[Vec<u32>],
+    a: &Args,
+) -> anyhow::Result<()> {
+    let dev = model.device();
+    let available = match blockformer::bench::device_memory(&dev) {
+        Some((free, _)) => Some(free),
+        None => blockformer::bench::mem_available(),
+    };
+    let Some(available) = available else {
+        return Ok(());
+    };
+    let w = blockformer::bench::roofline::Workload {
+        batch: rows,
+        prompt_len: prompts.iter().map(Vec::len).max().unwrap_or(0),
+        new_tokens: a.max_new_tokens,
+    };
+    blockformer::bench::check_batch_fits(model, &w, a.kv_cache.into(), available)?;
+    Ok(())
 }
