@@ -312,6 +312,14 @@ pub fn mem_available() -> Option<usize> {
         .map(|kb| kb * 1024)
 }
 
+/// Memory a run on `dev` can still take (bytes): the GPU's free memory, else the host's
+/// `MemAvailable`; `None` where neither can be read.
+pub fn memory_left(dev: &candle_core::Device) -> Option<usize> {
+    device_memory(dev)
+        .map(|(free, _)| free)
+        .or_else(mem_available)
+}
+
 /// Free and total memory of a GPU (bytes) from the driver; `None` on the CPU.
 pub fn device_memory(dev: &candle_core::Device) -> Option<(usize, usize)> {
     #[cfg(feature = "cuda")]
@@ -816,13 +824,7 @@ pub fn auto_batch(
 /// the kernel part-way. The error names the largest batch that fits.
 pub fn check_batch_fits(model: &Model, w: &Workload, kv: KvDtype, available: usize) -> Result<()> {
     let mm = memory_model(model, w.prompt_len, w.new_tokens, kv);
-    // `batch * per row` bounds the need from above; past `usize` it cannot fit anyway.
-    let per = mm.kv_per_sample + mm.activations_per_sample;
-    let need = w
-        .batch
-        .checked_mul(per)
-        .and_then(|b| b.checked_add(mm.weights))
-        .map(|_| mm.total(w.batch) - mm.weights);
+    let need = mm.beyond_weights(w.batch);
     if need.is_some_and(|n| n <= available) {
         return Ok(());
     }

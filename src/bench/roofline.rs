@@ -558,6 +558,15 @@ impl MemoryModel {
         self.weights + batch * self.kv_per_sample + self.activations(batch)
     }
 
+    /// Caches + activations of `batch` rows: [`MemoryModel::total`] less the weights, or
+    /// `None` past `usize` (a batch given on the command line can be any number).
+    pub fn beyond_weights(&self, batch: usize) -> Option<usize> {
+        // `batch` whole rows bound the need from above.
+        let rows = batch.checked_mul(self.kv_per_sample + self.activations_per_sample)?;
+        rows.checked_add(self.weights)?;
+        Some(self.total(batch) - self.weights)
+    }
+
     /// The largest step's activations with `batch` rows: a prefill of more than
     /// `rows_per_group` rows reuses one group's work buffers (and keeps every group's output).
     /// At most `batch * activations_per_sample`, the per-row figure the batch auto-tune uses.

@@ -479,11 +479,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 }
                 if budget.is_none() {
                     // A given batch: refuse one that cannot fit before allocating it.
-                    let available = match gpu_free {
-                        Some(_) => bench::device_memory(&dev).map(|(free, _)| free),
-                        None => bench::mem_available(),
-                    };
-                    if let Some(available) = available {
+                    if let Some(available) = bench::memory_left(&dev) {
                         bench::check_batch_fits(&model, &w, spec.kv_dtype, available)
                             .with_context(|| format!("{name}, {}", s.name()))?;
                     }

@@ -256,12 +256,7 @@ fn check_memory(
     prompts: &[Vec<u32>],
     a: &Args,
 ) -> anyhow::Result<()> {
-    let dev = model.device();
-    let available = match blockformer::bench::device_memory(&dev) {
-        Some((free, _)) => Some(free),
-        None => blockformer::bench::mem_available(),
-    };
-    let Some(available) = available else {
+    let Some(available) = blockformer::bench::memory_left(&model.device()) else {
         return Ok(());
     };
     let w = blockformer::bench::roofline::Workload {
