@@ -42,9 +42,9 @@ pub enum Part {
     Embedder,
     /// Block models: the block decoder; vanilla models: the decoder stack.
     BlockDecoder,
-    /// Block models: expansion, token-decoder layers and LM head.
+    /// Block models: expansion and token-decoder layers.
     TokenDecoder,
-    /// Vanilla models: the LM head.
+    /// The LM head.
     LmHead,
 }
 
@@ -135,7 +135,7 @@ pub fn cost_typed(cfg: &ModelConfig, w: &Workload, e: f64, e_w: f64, e_kv: f64) 
             let lm_head = |step: usize, rows: f64| Kernel {
                 step,
                 call: 0,
-                part: Part::TokenDecoder,
+                part: Part::LmHead,
                 kind: Kind::LmHead,
                 flops: 2.0 * rows * (v * h) as f64,
                 bytes: e_w * (v * h) as f64 + 2.0 * e * rows * v as f64,

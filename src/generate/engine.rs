@@ -149,9 +149,9 @@ pub struct EngineStats {
     pub embedder_s: f64,
     /// Block models: the block decoder; vanilla models: the decoder stack.
     pub block_decoder_s: f64,
-    /// Block models: the token decoder (layers, expansion, LM head).
+    /// Block models: the token decoder (expansion and layers).
     pub token_decoder_s: f64,
-    /// Vanilla models: the LM head.
+    /// The LM head (greedy CPU rows: with their argmax, which its kernel takes).
     pub lm_head_s: f64,
     /// Turning logits into tokens (host copy, sampling, logprobs).
     pub sampling_s: f64,
@@ -650,7 +650,7 @@ impl Engine {
         self.split_point()?;
         self.stats.block_decoder_s += t.elapsed().as_secs_f64();
         let t_td = Instant::now();
-        let sampling_before = self.stats.sampling_s;
+        let (sampling_before, lm_head_before) = (self.stats.sampling_s, self.stats.lm_head_s);
 
         // Tokens to decode in this block per row.
         let want: Vec<usize> = self
@@ -726,8 +726,9 @@ impl Engine {
         }
 
         self.split_point()?;
-        self.stats.token_decoder_s +=
-            t_td.elapsed().as_secs_f64() - (self.stats.sampling_s - sampling_before);
+        self.stats.token_decoder_s += t_td.elapsed().as_secs_f64()
+            - (self.stats.sampling_s - sampling_before)
+            - (self.stats.lm_head_s - lm_head_before);
 
         // Assemble each row's block and decide who is finished.
         let produced = blocks.iter().map(Vec::len).max().unwrap_or(0);
@@ -807,16 +808,12 @@ impl Engine {
         let last = hid.index_select(&Tensor::new(last_rows.as_slice(), &dev)?, 0)?;
         self.split_point()?;
         self.stats.block_decoder_s += t.elapsed().as_secs_f64();
-        let t = Instant::now();
-        let sampling_before = self.stats.sampling_s;
         let rows = self.running.len();
         let mut toks: Vec<Vec<u32>> = vec![Vec::new(); rows];
         let mut lps: Vec<Vec<TokenLogprob>> = vec![Vec::new(); rows];
         let mut hit_eos = vec![false; rows];
         let all: Vec<usize> = (0..rows).collect();
         self.pick(&v.embed_out, &last, &all, &mut toks, &mut lps, &mut hit_eos)?;
-        self.stats.lm_head_s +=
-            t.elapsed().as_secs_f64() - (self.stats.sampling_s - sampling_before);
         let mut events = Vec::with_capacity(rows);
         for (r, s) in self.running.iter_mut().enumerate() {
             let mut tokens = std::mem::take(&mut toks[r]);
@@ -849,7 +846,8 @@ impl Engine {
     /// The LM head `head` on `hidden [rows.len(), H]`, then one token for each row in
     /// `rows`. Greedy rows on the CPU take the head's argmax straight from its kernel (the
     /// logits are never written); on a GPU greedy rows take one device argmax; other rows are
-    /// sampled on the host from one copy of the logits.
+    /// sampled on the host from one copy of the logits. Adds its time to `lm_head_s`, the
+    /// host sampling's to `sampling_s`.
     fn pick(
         &mut self,
         head: &Linear,
@@ -863,15 +861,18 @@ impl Engine {
             return Ok(());
         }
         let greedy = self.greedy_only(rows);
+        let t = Instant::now();
         if greedy {
             // On the CPU: the ids straight from the head's kernel, no logits.
             if let Some(ids) = head.argmax_rows(hidden)? {
+                self.stats.lm_head_s += t.elapsed().as_secs_f64();
                 self.record(greedy_picks(rows, ids), out, lps, hit_eos);
                 return Ok(());
             }
         }
         let logits = crate::gpu::section("lm head", hidden.device(), || head.forward(hidden))?;
         self.split_point()?;
+        self.stats.lm_head_s += t.elapsed().as_secs_f64();
         let t = Instant::now();
         let chosen = if greedy && !logits.device().is_cpu() {
             // One argmax on the device and a copy of one id per row.

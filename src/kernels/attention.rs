@@ -6,6 +6,7 @@
 //! attends causally over the cache with a single-pass online softmax. Work is spread over
 //! (row, head) pairs with rayon; nothing is allocated in proportion to the context.
 
+use super::ops::copy_row;
 use super::panel::{matmul_panels_serial, Panels};
 use super::OutPtr;
 use candle_core::{DType, Device, Tensor};
@@ -170,7 +171,7 @@ impl KvElem for f32 {
     const HALF: bool = false;
     #[inline(always)]
     fn store(src: &[f32], dst: &mut [f32]) {
-        dst.copy_from_slice(src);
+        super::ops::copy_row(dst, src);
     }
     #[inline(always)]
     fn view<'a>(src: &'a [f32], _buf: &'a mut [f32]) -> &'a [f32] {
@@ -474,7 +475,7 @@ fn run_tasks<T: KvElem>(
                 let base = g * 3 * w + t.head * 3 * head_dim;
                 let pos = t.spec.pos0 + i * t.spec.pos_stride;
                 let slot = t.past + i;
-                kr.copy_from_slice(&qkv[base + head_dim..base + 2 * head_dim]);
+                copy_row(kr, &qkv[base + head_dim..base + 2 * head_dim]);
                 rotary.apply(kr, pos);
                 T::store(kr, &mut t.k[slot * head_dim..(slot + 1) * head_dim]);
                 T::store(
@@ -490,11 +491,11 @@ fn run_tasks<T: KvElem>(
                 };
                 if t.write_only {
                     // The rotated query, rotated in place in the output.
-                    o.copy_from_slice(&qkv[base..base + head_dim]);
+                    copy_row(o, &qkv[base..base + head_dim]);
                     rotary.apply(o, pos);
                     continue;
                 }
-                q.copy_from_slice(&qkv[base..base + head_dim]);
+                copy_row(q, &qkv[base..base + head_dim]);
                 rotary.apply(q, pos);
                 let last = i + 1 == t.spec.n_new;
                 attend_online_ahead::<T>(
