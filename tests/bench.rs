@@ -695,6 +695,24 @@ fn cli_compares_two_model_folders() {
     let svg = std::fs::read_to_string(&chart).unwrap();
     assert!(svg.contains("tiny_vanilla") && svg.contains("</svg>"));
 
+    // The readable report ends with each part's efficiency; a block model's LM head has its
+    // own.
+    let (ok, out, err) = tiny_bench(
+        &["--model", &paths[0]],
+        "1",
+        &["--probe-cache", probe.to_str().unwrap()],
+    );
+    assert!(ok, "{err}");
+    let parts = out
+        .split("Efficiency by part")
+        .nth(1)
+        .unwrap_or_else(|| panic!("{out}"));
+    let row = parts
+        .lines()
+        .find(|l| l.starts_with("tiny_block"))
+        .unwrap_or_else(|| panic!("{parts}"));
+    assert!(row.matches('%').count() >= 5, "{row}");
+
     // A bandwidth given by flag is not this machine's: no check against it.
     let (ok, out, err) = tiny_bench(
         &["--model", &paths[1]],
@@ -818,6 +836,7 @@ fn cli_compares_two_model_folders() {
         "{out}"
     );
     assert!(out.contains("peak RSS"), "{out}");
+    assert!(!out.contains("Efficiency by part"), "{out}");
 }
 
 #[test]

@@ -302,6 +302,55 @@ pub fn split_table(rows: &[BenchRow]) -> String {
     out
 }
 
+/// Where each measurement stands against its bound, part by part: the bound's seconds in a
+/// part (a model call's bound shared among its kernels in proportion to their own bounds)
+/// over the seconds the engine measured there. Rows without a bound are left out.
+pub fn part_table(rows: &[BenchRow]) -> String {
+    let eff = |bound: f64, measured: f64| {
+        if bound > 0.0 && measured > 0.0 {
+            format!("{:.0}%", 100.0 * bound / measured)
+        } else {
+            "-".into()
+        }
+    };
+    let cells: Vec<Vec<String>> = rows
+        .iter()
+        .filter_map(|r| {
+            let (b, s) = (r.bound.as_ref()?, &r.stats);
+            Some(vec![
+                r.model.clone(),
+                r.setting.clone(),
+                r.batch.to_string(),
+                eff(b.embedder_s, s.embedder_s),
+                eff(b.block_decoder_s, s.block_decoder_s),
+                eff(b.token_decoder_s, s.token_decoder_s),
+                eff(b.lm_head_s, s.lm_head_s),
+                eff(b.prefill_s, s.prefill_s),
+                eff(b.decode_s, s.decode_s),
+            ])
+        })
+        .collect();
+    let mut out = String::new();
+    if !cells.is_empty() {
+        table(
+            &[
+                "model",
+                "setting",
+                "batch",
+                "embedder",
+                "block/dec",
+                "token dec",
+                "lm head",
+                "prefill",
+                "decode",
+            ],
+            &cells,
+            &mut out,
+        );
+    }
+    out
+}
+
 /// A roofline bound without a measurement (`bench --dry-run`).
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct BoundLine {
@@ -407,6 +456,11 @@ pub fn text(r: &BenchReport) -> String {
     out.push_str("\nTime split (s, median run; block/dec = block decoder or the vanilla decoder stack) and memory:\n\n");
     out.push_str(&split_table(&r.rows));
     out.push_str("\nexpected = process before loading + parameters + KV caches (as allocated) + largest step's activations (+ the bandwidth sampler's buffers with --sample-bandwidth); model RSS = resident memory the model added when loaded\n");
+    let parts = part_table(&r.rows);
+    if !parts.is_empty() {
+        out.push_str("\nEfficiency by part (the bound's seconds in each part / the seconds measured there):\n\n");
+        out.push_str(&parts);
+    }
     if let Some((a, b)) = &r.compare {
         let _ = writeln!(out, "\n{a} / {b} throughput:");
         for x in &r.ratios {
