@@ -252,6 +252,18 @@ pub fn bandwidth_warning(r: &BenchRow) -> Option<String> {
     ))
 }
 
+/// The first columns of the time split and of the efficiency by part: the measurement and the
+/// engine's parts.
+const SPLIT_HEAD: [&str; 7] = [
+    "model",
+    "setting",
+    "batch",
+    "embedder",
+    "block/dec",
+    "token dec",
+    "lm head",
+];
+
 /// Where the time and memory went, one line per measurement.
 pub fn split_table(rows: &[BenchRow]) -> String {
     let mut out = String::new();
@@ -278,27 +290,13 @@ pub fn split_table(rows: &[BenchRow]) -> String {
             ]
         })
         .collect();
-    table(
-        &[
-            "model",
-            "setting",
-            "batch",
-            "embedder",
-            "block/dec",
-            "token dec",
-            "lm head",
-            "sampling",
-            "prefill",
-            "decode",
-            "peak RSS",
-            "expected",
-            "peak/exp",
-            "model RSS",
-            "KV/sample",
-        ],
-        &cells,
-        &mut out,
-    );
+    let header = [
+        &SPLIT_HEAD[..],
+        &["sampling", "prefill", "decode"],
+        &["peak RSS", "expected", "peak/exp", "model RSS", "KV/sample"],
+    ]
+    .concat();
+    table(&header, &cells, &mut out);
     out
 }
 
@@ -332,21 +330,8 @@ pub fn part_table(rows: &[BenchRow]) -> String {
         .collect();
     let mut out = String::new();
     if !cells.is_empty() {
-        table(
-            &[
-                "model",
-                "setting",
-                "batch",
-                "embedder",
-                "block/dec",
-                "token dec",
-                "lm head",
-                "prefill",
-                "decode",
-            ],
-            &cells,
-            &mut out,
-        );
+        let header = [&SPLIT_HEAD[..], &["prefill", "decode"]].concat();
+        table(&header, &cells, &mut out);
     }
     out
 }
