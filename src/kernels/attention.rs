@@ -171,7 +171,7 @@ impl KvElem for f32 {
     const HALF: bool = false;
     #[inline(always)]
     fn store(src: &[f32], dst: &mut [f32]) {
-        super::ops::copy_row(dst, src);
+        copy_row(dst, src);
     }
     #[inline(always)]
     fn view<'a>(src: &'a [f32], _buf: &'a mut [f32]) -> &'a [f32] {

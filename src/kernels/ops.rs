@@ -485,6 +485,18 @@ mod tests {
         }
     }
 
+    /// The inline copy against `copy_from_slice`, with and without a tail of lanes.
+    #[test]
+    fn copy_row_copies_every_value() {
+        for n in [0, 5, 16, 32, 37, 128] {
+            let src = rand_vec(n, 10);
+            let (mut fast, mut plain) = (vec![0.0; n], vec![0.0; n]);
+            copy_row(&mut fast, &src);
+            plain.copy_from_slice(&src);
+            assert_eq!(fast, plain, "{n} values");
+        }
+    }
+
     #[test]
     fn layer_norm_and_gelu_match_candle() {
         let dev = Device::Cpu;
