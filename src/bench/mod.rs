@@ -828,6 +828,19 @@ pub fn check_batch_fits(model: &Model, w: &Workload, kv: KvDtype, available: usi
     if need.is_some_and(|n| n <= available) {
         return Ok(());
     }
+    let need = match need {
+        Some(n) => format!(
+            "{} ({} x {} of KV caches + {} of activations)",
+            report::bytes(n),
+            w.batch,
+            report::bytes(mm.kv_per_sample),
+            report::bytes(mm.activations(w.batch))
+        ),
+        None => format!(
+            "more than can be counted ({} of KV caches per row)",
+            report::bytes(mm.kv_per_sample)
+        ),
+    };
     let fit = match mm.largest_batch(available + mm.weights, 0, w.batch) {
         Some(b) => format!("the largest batch that fits is {b}"),
         None => "not even one row fits".to_string(),
@@ -835,24 +848,11 @@ pub fn check_batch_fits(model: &Model, w: &Workload, kv: KvDtype, available: usi
     Err(Error::input(
         "--batch-size",
         format!(
-            "batch {} at {}+{} needs {} beyond the loaded weights, but only {} of memory is \
-             available: {fit}",
+            "batch {} at {}+{} needs {need} beyond the loaded weights, but only {} of memory \
+             is available: {fit}",
             w.batch,
             w.prompt_len,
             w.new_tokens,
-            match need {
-                Some(n) => format!(
-                    "{} ({} x {} of KV caches + {} of activations)",
-                    report::bytes(n),
-                    w.batch,
-                    report::bytes(mm.kv_per_sample),
-                    report::bytes(mm.activations(w.batch))
-                ),
-                None => format!(
-                    "more than can be counted ({} of KV caches per row)",
-                    report::bytes(mm.kv_per_sample)
-                ),
-            },
             report::bytes(available),
         ),
     ))

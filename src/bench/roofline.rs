@@ -561,10 +561,9 @@ impl MemoryModel {
     /// Caches + activations of `batch` rows: [`MemoryModel::total`] less the weights, or
     /// `None` past `usize` (a batch given on the command line can be any number).
     pub fn beyond_weights(&self, batch: usize) -> Option<usize> {
-        // `batch` whole rows bound the need from above.
-        let rows = batch.checked_mul(self.kv_per_sample + self.activations_per_sample)?;
-        rows.checked_add(self.weights)?;
-        Some(self.total(batch) - self.weights)
+        // `batch` whole rows of caches and activations bound the need from above.
+        batch.checked_mul(self.kv_per_sample + self.activations_per_sample)?;
+        Some(batch * self.kv_per_sample + self.activations(batch))
     }
 
     /// The largest step's activations with `batch` rows: a prefill of more than

@@ -107,7 +107,9 @@ pub fn add_rows(y: &mut [f32], bias: &[f32]) {
 pub fn layer_norm(x: &[f32], weight: &[f32], bias: &[f32], eps: f32, out: &mut [f32]) {
     let d = weight.len();
     let rows = x.len() / d;
-    let body = |(xr, or): (&[f32], &mut [f32])| layer_norm_row_dispatch(xr, weight, bias, eps, or);
+    // The CPU's features once per call, not per row.
+    let row = layer_norm_row_kernel();
+    let body = |(xr, or): (&[f32], &mut [f32])| row(xr, weight, bias, eps, or);
     if rows * d >= 1 << 16 {
         x.par_chunks_exact(d)
             .zip(out.par_chunks_exact_mut(d))
@@ -133,13 +135,17 @@ pub fn layer_norm_reference(x: &[f32], weight: &[f32], bias: &[f32], eps: f32, o
     }
 }
 
-fn layer_norm_row_dispatch(x: &[f32], weight: &[f32], bias: &[f32], eps: f32, out: &mut [f32]) {
+/// One row of LayerNorm: `(x, weight, bias, eps, out)`.
+type LayerNormRow = fn(&[f32], &[f32], &[f32], f32, &mut [f32]);
+
+/// [`layer_norm_row`] built for AVX-512 where the CPU has it, else the portable build.
+fn layer_norm_row_kernel() -> LayerNormRow {
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx512f") {
-        // SAFETY: the CPU supports AVX-512F.
-        return unsafe { layer_norm_row_avx512(x, weight, bias, eps, out) };
+        // SAFETY (of the call inside): the CPU supports AVX-512F.
+        return |x, w, b, eps, out| unsafe { layer_norm_row_avx512(x, w, b, eps, out) };
     }
-    layer_norm_row(x, weight, bias, eps, out)
+    layer_norm_row
 }
 
 #[cfg(target_arch = "x86_64")]
